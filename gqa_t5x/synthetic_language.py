@@ -7,8 +7,8 @@ Source language:
   * lowercase pseudo-words made of CV / CVC syllables; frequent words are shorter (Zipf's law of
     abbreviation) and words are drawn with Zipfian frequencies;
   * capitalised entity names, attribute names each with their own set of values, relation verbs;
-  * facts: `Entity attribute value .` and `Entity relation Entity .`;
-  * clauses: `DET [ADJ] NOUN [AUX] VERB DET [ADJ] NOUN [PREP DET [ADJ] NOUN] .` in SVO order, with
+  * facts: `Entity attribute value.` and `Entity relation Entity.`;
+  * clauses: `DET [ADJ] NOUN [AUX] VERB DET [ADJ] NOUN [PREP DET [ADJ] NOUN].` in SVO order, with
     number marked on the determiner and tense by an auxiliary; entities may replace noun phrases.
 
 Target language (for translation only), with a disjoint lexicon built from other syllables:
@@ -206,7 +206,7 @@ class Language:
         return words
 
     def render_source(self, clause: Clause) -> str:
-        """SVO: subject [auxiliary] verb object [preposition noun-phrase] ."""
+        """SVO: subject [auxiliary] verb object [preposition noun-phrase]."""
         words = self._source_np(clause.subject)
         if self.auxiliaries[clause.tense] is not None:
             words.append(self.auxiliaries[clause.tense])
@@ -214,10 +214,10 @@ class Language:
         words += self._source_np(clause.obj)
         if clause.preposition is not None:
             words += [clause.preposition] + self._source_np(clause.oblique)
-        return " ".join(words + ["."])
+        return " ".join(words) + "."
 
     def render_target(self, clause: Clause) -> str:
-        """SOV: subject-NOM [oblique-OBL postposition] object-ACC verb-TENSE[-AGR] ."""
+        """SOV: subject-NOM [oblique-OBL postposition] object-ACC verb-TENSE[-AGR]."""
         words = self._target_np(clause.subject, "nom")
         if clause.preposition is not None:
             words += self._target_np(clause.oblique, "obl")
@@ -226,14 +226,14 @@ class Language:
         agreement = self.agreement_suffix if clause.subject.plural else ""
         words.append(self.target_words[clause.verb] + self.tense_suffixes[clause.tense]
                      + agreement)
-        return " ".join(words + ["."])
+        return " ".join(words) + "."
 
     # ------------------------------------------------------------------ facts
     def attribute_fact(self, entity: str, attribute: int, value: int) -> str:
-        return f"{entity} {self.attributes[attribute]} {self.values[attribute][value]} ."
+        return f"{entity} {self.attributes[attribute]} {self.values[attribute][value]}."
 
     def relation_fact(self, entity: str, relation: int, other: str) -> str:
-        return f"{entity} {self.relations[relation]} {other} ."
+        return f"{entity} {self.relations[relation]} {other}."
 
 
 @functools.lru_cache(maxsize=8)
@@ -282,16 +282,16 @@ def document(lang: Language, rng: random.Random, num_entities: int,
 
 def summarize_example(lang: Language, rng: random.Random, num_entities: int,
                       facts_per_entity: tuple[int, int], num_clauses: int) -> dict[str, str]:
-    """`summarize: TITLE : sentences...` -> the facts whose subject is TITLE, in document order."""
+    """`summarize: TITLE: sentences...` -> the facts whose subject is TITLE, in document order."""
     title, sentences = document(lang, rng, num_entities, facts_per_entity, num_clauses)
     body = " ".join(s for _, s in sentences)
     summary = " ".join(s for subject, s in sentences if subject == title)
-    return {"inputs": f"summarize: {title} : {body}", "targets": summary}
+    return {"inputs": f"summarize: {title}: {body}", "targets": summary}
 
 
 def qa_example(lang: Language, rng: random.Random, num_entities: int, num_attributes: int,
                num_clauses: int) -> dict:
-    """`question: E attr ? context: facts...` -> the value of attribute `attr` of entity `E`.
+    """`question: E attr? context: facts...` -> the value of attribute `attr` of entity `E`.
 
     The context holds a full grid of facts: each of `num_entities` entities has a value for each
     of the same `num_attributes` attributes, shuffled (with `num_clauses` clauses mixed in), so
@@ -312,7 +312,7 @@ def qa_example(lang: Language, rng: random.Random, num_entities: int, num_attrib
     rng.shuffle(sentences)
     entity, attribute = rng.choice(sorted(facts))
     answer = lang.values[attribute][facts[(entity, attribute)]]
-    question = f"{entity} {lang.attributes[attribute]} ?"
+    question = f"{entity} {lang.attributes[attribute]}?"
     return {"inputs": f"question: {question} context: {' '.join(sentences)}",
             "targets": answer, "answers": [answer]}
 
@@ -320,7 +320,7 @@ def qa_example(lang: Language, rng: random.Random, num_entities: int, num_attrib
 def translate_example(lang: Language, rng: random.Random, entity_rate: float = 0.15,
                       pp_rate: float = 0.4) -> dict[str, str]:
     """`translate: source clause` -> its target-language rendering."""
-    entities = rng.sample(lang.entities, 3)
+    entities = rng.sample(lang.entities, min(3, len(lang.entities)))
     clause = lang.random_clause(rng, entities, entity_rate, pp_rate)
     return {"inputs": f"translate: {lang.render_source(clause)}",
             "targets": lang.render_target(clause)}
@@ -336,4 +336,4 @@ def corpus_document(lang: Language, rng: random.Random, num_entities: int,
         n = num_clauses + num_entities * sum(facts_per_entity) // 2
         return " ".join(lang.render_target(lang.random_clause(rng, entities)) for _ in range(n))
     title, sentences = document(lang, rng, num_entities, facts_per_entity, num_clauses)
-    return f"{title} : " + " ".join(s for _, s in sentences)
+    return f"{title}: " + " ".join(s for _, s in sentences)

@@ -19,8 +19,8 @@ import io
 import os
 from collections.abc import Iterable, Sequence
 
-import seqio
 import sentencepiece as spm
+import seqio
 
 DEFAULT_VOCAB_PATH = "gs://t5-data/vocabs/cc_all.32000/sentencepiece.model"
 DEFAULT_EXTRA_IDS = 100
