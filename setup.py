@@ -13,7 +13,6 @@ setuptools.setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     packages=setuptools.find_packages(include=["gqa_t5x", "gqa_t5x.*"]),
-    package_data={"gqa_t5x": ["gin/**/*.gin"]},
     python_requires=">=3.10",
     install_requires=[
         "numpy>=1.26",
@@ -46,6 +45,7 @@ setuptools.setup(
     entry_points={
         "console_scripts": [
             "gqa-demo=gqa_t5x.demo:main",
+            "gqa-convert=gqa_t5x.convert_cli:main",
         ],
     },
 )

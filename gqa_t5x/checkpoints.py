@@ -1,0 +1,358 @@
+"""Checkpoint I/O: our own checkpoints, and readers for t5x and Hugging Face T5.1.1 checkpoints.
+
+Every reader is a `CheckpointReader` (see t5x_checkpoints.py): `shapes()` and `read(path)` give
+the params under t5x's names one array at a time, as float32 numpy, so a converter can stream a
+checkpoint much larger than memory. `open_checkpoint` picks the reader from the folder.
+
+Our checkpoint layout (`CheckpointWriter`, `save_checkpoint`, `load_checkpoint`):
+
+  <dir>/config.json    the TransformerConfig (TransformerConfig.to_json)
+  <dir>/params/        one zarr v2 array per parameter, folder named by the dotted path
+                       (`target.decoder.layers_0.self_attention.key.kernel`), and two indexes
+                       over the same arrays:
+    _METADATA          orbax PyTree metadata (non-OCDBT) of {"target": params}, so that
+                       `orbax.checkpoint.PyTreeCheckpointer().restore(<dir>/params)` returns
+                       {"target": params} as numpy arrays;
+    checkpoint         t5x's legacy msgpack, {"version": 3, "optimizer": {"target": <specs>,
+                       "state": {"step": step}}}, so t5x reads the folder as a legacy t5x
+                       checkpoint.
+
+To start a t5x fine-tuning or uptraining run from it, t5x needs: the model built with the same
+config (grouped key/value kernels [D, K*H] in the grouped attentions, e.g. this package's gin
+files); `utils.RestoreCheckpointConfig(path="<dir>/params", mode="specific", dtype="float32",
+strict=False, fallback_to_scratch=True)`, because the checkpoint holds no optimizer state (t5x
+then initializes it, as its sparse-upcycling recipe does); and, where the learning-rate schedule
+must continue, the source step, which the converter copies into `state/step`. The layout follows
+t5x's `checkpoints.py` (format version 3); t5x is not a dependency, so the tests check it with
+tensorstore and flax's msgpack, not with t5x itself.
+
+Hugging Face checkpoints are read directly, without transformers: `config.json` through
+`config_from_hf_t5`, weights from `model.safetensors` (parsed by header, one tensor per read) or
+`pytorch_model.bin` (torch.load with mmap), sharded variants through their `*.index.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from gqa_t5x import hf_mapping
+from gqa_t5x.config import TransformerConfig
+from gqa_t5x.convert import check_shapes, param_shapes
+from gqa_t5x.hf_mapping import config_from_hf_t5, params_from_hf_t5  # noqa: F401
+from gqa_t5x.t5x_checkpoints import (
+    CheckpointReader,
+    OrbaxTreeReader,
+    Path,
+    infer_config_from_shapes,
+    legacy_spec,
+    open_t5x,
+    read_json,
+    resolve_t5x_dir,
+    unflatten,
+    write_legacy_msgpack,
+    write_zarr,
+)
+
+FORMATS = ("gqa_t5x", "t5x", "hf")
+CONFIG_FILE = "config.json"
+PARAMS_DIR = "params"
+
+
+# ---- our format ---------------------------------------------------------------------------------
+
+
+class CheckpointWriter:
+    """Writes our checkpoint one array at a time; `close()` writes the indexes and the config.
+
+    Arrays go to disk as they come, so memory holds one array at a time. Until `close()` the
+    folder has no `_METADATA`, `checkpoint` or `config.json` and no reader accepts it.
+    """
+
+    def __init__(self, directory: str, config: TransformerConfig, step: int = 0):
+        self.directory = directory
+        self.config = config
+        self.step = step
+        self.params_dir = os.path.join(directory, PARAMS_DIR)
+        os.makedirs(self.params_dir, exist_ok=True)
+        self._specs: dict[Path, dict[str, Any]] = {}
+        self._expected = param_shapes(config)
+
+    def write(self, path: Path, array) -> None:
+        """Store one parameter (float32 numpy or anything np.asarray takes)."""
+        path = tuple(path)
+        if path not in self._expected:
+            raise ValueError(f"{'/'.join(path)} is not a parameter of the config")
+        array = np.asarray(array)
+        if array.shape != self._expected[path]:
+            raise ValueError(f"{'/'.join(path)} has shape {array.shape}, expected "
+                             f"{self._expected[path]}")
+        name = ".".join(("target",) + path)
+        metadata = write_zarr(os.path.join(self.params_dir, name), array)
+        self._specs[path] = legacy_spec(name, metadata, array.dtype)
+
+    def close(self) -> None:
+        check_shapes({p: tuple(s["metadata"]["shape"]) for p, s in self._specs.items()},
+                     self._expected, where=f"checkpoint written to {self.directory}")
+        write_legacy_msgpack(self.params_dir, self._specs, self.step)
+        tree = {}
+        for path in self._specs:
+            keys = ("target",) + path
+            tree[str(keys)] = {
+                "key_metadata": [{"key": k, "key_type": 2} for k in keys],
+                "value_metadata": {"value_type": "np.ndarray", "skip_deserialize": False}}
+        orbax_metadata = {"tree_metadata": tree, "use_ocdbt": False, "use_zarr3": False,
+                          "store_array_data_equal_to_fill_value": True, "custom_metadata": None}
+        with open(os.path.join(self.params_dir, "_METADATA"), "w") as f:
+            json.dump(orbax_metadata, f)
+        with open(os.path.join(self.directory, CONFIG_FILE), "w") as f:
+            f.write(self.config.to_json())
+
+
+def save_checkpoint(directory: str, params: Mapping[str, Any], config: TransformerConfig,
+                    step: int = 0) -> None:
+    """Write `params` (nested dict of arrays, t5x names) and `config` to `directory`."""
+    writer = CheckpointWriter(directory, config, step)
+    for path, array in _leaf_items(params):
+        writer.write(path, np.asarray(array, np.float32))
+    writer.close()
+
+
+def _leaf_items(tree: Mapping[str, Any], prefix: Path = ()):
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            yield from _leaf_items(value, prefix + (key,))
+        else:
+            yield prefix + (key,), value
+
+
+class GqaCheckpointReader(OrbaxTreeReader):
+    """Our checkpoint (see the module docstring); `config` comes from its config.json."""
+
+    def __init__(self, directory: str):
+        config_file = os.path.join(directory, CONFIG_FILE)
+        try:
+            config = TransformerConfig.from_dict(read_json(config_file))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{config_file} is not a valid TransformerConfig: {e}") from e
+        super().__init__(os.path.join(directory, PARAMS_DIR))
+        self.path = directory
+        self.format = "gqa_t5x"
+        self.config = config
+
+
+def load_checkpoint(directory: str) -> tuple[dict[str, Any], TransformerConfig]:
+    """(params, config) of a checkpoint written by `save_checkpoint` or `gqa-convert`; params
+    is a nested dict of float32 numpy arrays, checked against the config's shapes."""
+    reader = GqaCheckpointReader(directory)
+    check_shapes(reader.shapes(), param_shapes(reader.config), where=directory)
+    return reader.read_all(), reader.config
+
+
+# ---- Hugging Face -------------------------------------------------------------------------------
+
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
+                       "BF16": np.uint16}
+
+
+def _safetensors_header(filename: str) -> dict[str, dict[str, Any]]:
+    """{name: {"dtype", "shape", "data_offsets"}} with offsets made absolute in the file.
+
+    The format: an 8-byte little-endian header length, a JSON header, then the raw data.
+    """
+    with open(filename, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    for info in header.values():
+        begin, end = info["data_offsets"]
+        info["data_offsets"] = (8 + size + begin, 8 + size + end)
+    return header
+
+
+def _read_safetensor(filename: str, name: str, info: Mapping[str, Any]) -> np.ndarray:
+    dtype = info["dtype"]
+    if dtype not in _SAFETENSORS_DTYPES:
+        raise ValueError(f"{filename}: tensor {name} has dtype {dtype}; expected a float type")
+    begin, end = info["data_offsets"]
+    raw = np.fromfile(filename, dtype=_SAFETENSORS_DTYPES[dtype],
+                      count=int(np.prod(info["shape"], dtype=np.int64)), offset=begin)
+    if dtype == "BF16":  # the upper half of a float32
+        raw = (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw.astype(np.float32, copy=False).reshape(info["shape"])
+
+
+def _hf_table(config: TransformerConfig):
+    """[(hf name, t5x path, transpose, t5x shape)] for every parameter: hf_mapping's table, read
+    row by row here so that a checkpoint streams one tensor at a time."""
+    return hf_mapping._parameter_table(config)
+
+
+class HfT5Reader(CheckpointReader):
+    """A Hugging Face T5.1.1 folder: config.json and safetensors or PyTorch weights.
+
+    Names follow `hf_mapping`'s table; Linear weights [out, in] are returned transposed (as a
+    view, which the writer copies chunk by chunk). A tied checkpoint holding only
+    `shared.weight` gives the logits kernel from it. safetensors are read with plain file reads;
+    a `.bin` is memory-mapped, so the pages it has read count as file-backed RSS that the kernel
+    can reclaim, not as allocated memory.
+    """
+
+    format = "hf"
+
+    def __init__(self, directory: str, config: TransformerConfig | None = None):
+        super().__init__(directory)
+        self.config = config or config_from_hf_t5(read_json(os.path.join(directory,
+                                                                          CONFIG_FILE)))
+        self._locate_tensors(directory)
+        self._rows: dict[Path, tuple[str | None, bool, tuple[int, ...]]] = {}
+        missing = []
+        available = set(self._where)
+        table = _hf_table(self.config)
+        for name, path, transpose, shape in table:
+            source = name
+            if name == "lm_head.weight" and name not in available:
+                source = "shared.weight"
+            if source not in available:
+                stack_layers = (self.config.num_encoder_layers if name.startswith("encoder.")
+                                else self.config.num_decoder_layers)
+                if name.endswith("relative_attention_bias.weight") and not stack_layers:
+                    self._rows[path] = (None, False, shape)  # never read by the model
+                else:
+                    missing.append(name)
+                continue
+            self._rows[path] = (source, transpose, shape)
+            hf_shape = tuple(reversed(shape)) if transpose else tuple(shape)
+            got = tuple(self._shape(source))
+            if got != hf_shape:
+                raise ValueError(f"{self._where[source][0]}: {source} has shape {got}, expected "
+                                 f"{hf_shape} for {'/'.join(path)} of the config in "
+                                 f"{directory}/{CONFIG_FILE}")
+        if missing:
+            raise ValueError(f"{directory} lacks {len(missing)} arrays the config needs: "
+                             f"{', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}")
+        known = {row[0] for row in table} | set(hf_mapping._IGNORED_HF_KEYS)
+        unexpected = sorted(available - known)
+        if unexpected:
+            raise ValueError(f"{directory} holds {len(unexpected)} arrays the config has no "
+                             f"place for: {', '.join(unexpected[:6])}")
+
+    def _locate_tensors(self, directory: str) -> None:
+        """self._where: {hf name: (file, safetensors header entry or None)}."""
+        self._where: dict[str, tuple[str, Any]] = {}
+        self._torch_files: dict[str, Any] = {}
+        for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+            index_file = os.path.join(directory, index_name)
+            if os.path.exists(index_file):
+                files = sorted(set(read_json(index_file)["weight_map"].values()))
+                break
+        else:
+            files = [n for n in ("model.safetensors", "pytorch_model.bin")
+                     if os.path.exists(os.path.join(directory, n))][:1]
+        if not files:
+            raise ValueError(f"{directory} has {CONFIG_FILE} but no model.safetensors, "
+                             f"pytorch_model.bin or a sharded index of them")
+        for name in files:
+            filename = os.path.join(directory, name)
+            if name.endswith(".safetensors"):
+                for key, info in _safetensors_header(filename).items():
+                    self._where[key] = (filename, info)
+            else:
+                for key in self._torch_state(filename):
+                    self._where[key] = (filename, None)
+
+    def _torch_state(self, filename: str):
+        if filename not in self._torch_files:
+            import torch  # only for .bin checkpoints
+
+            self._torch_files[filename] = torch.load(filename, map_location="cpu", mmap=True,
+                                                     weights_only=True)
+        return self._torch_files[filename]
+
+    def _shape(self, name: str) -> tuple[int, ...]:
+        filename, info = self._where[name]
+        if info is not None:
+            return tuple(info["shape"])
+        return tuple(self._torch_state(filename)[name].shape)
+
+    def _tensor(self, name: str) -> np.ndarray:
+        filename, info = self._where[name]
+        if info is not None:
+            return _read_safetensor(filename, name, info)
+        tensor = self._torch_state(filename)[name]
+        if not tensor.dtype.is_floating_point:
+            raise ValueError(f"{filename}: tensor {name} has dtype {tensor.dtype}")
+        return tensor.float().numpy()
+
+    def shapes(self):
+        return {p: tuple(shape) for p, (_, _, shape) in self._rows.items()}
+
+    def read(self, path: Path) -> np.ndarray:
+        if path not in self._rows:
+            raise KeyError(f"{'/'.join(path)} is not in the checkpoint {self.path}")
+        source, transpose, shape = self._rows[path]
+        if source is None:
+            return np.zeros(shape, np.float32)
+        array = self._tensor(source)
+        return array.T if transpose else array
+
+
+# ---- detection ----------------------------------------------------------------------------------
+
+
+def detect_format(path: str) -> str:
+    """'gqa_t5x', 'hf' or 't5x' from the files in `path`; ValueError if none fits."""
+    if not os.path.isdir(path):
+        raise ValueError(f"checkpoint {path} does not exist or is not a folder")
+    config_file = os.path.join(path, CONFIG_FILE)
+    if os.path.isfile(config_file):
+        keys = set(read_json(config_file))
+        if "emb_dim" in keys and os.path.isdir(os.path.join(path, PARAMS_DIR)):
+            return "gqa_t5x"
+        if "d_model" in keys:
+            return "hf"
+    try:
+        resolve_t5x_dir(path)
+        return "t5x"
+    except ValueError:
+        pass
+    raise ValueError(f"unknown checkpoint format in {path}: expected {CONFIG_FILE} with "
+                     f"{PARAMS_DIR}/ (gqa_t5x), {CONFIG_FILE} with model.safetensors or "
+                     f"pytorch_model.bin (hf), or a t5x checkpoint ('checkpoint' msgpack or an "
+                     f"orbax tree, possibly under checkpoint_<step>/)")
+
+
+def open_checkpoint(path: str, input_format: str = "auto",
+                    config: TransformerConfig | None = None) -> CheckpointReader:
+    """A reader for the checkpoint at `path`. `config` is needed for t5x checkpoints, which
+    hold none (None: its `config` stays None; see `infer_config_from_shapes`); for the other
+    formats it replaces the stored config."""
+    fmt = detect_format(path) if input_format == "auto" else input_format
+    if fmt == "gqa_t5x":
+        reader = GqaCheckpointReader(path)
+    elif fmt == "hf":
+        return HfT5Reader(path, config)
+    elif fmt == "t5x":
+        reader = open_t5x(path)
+    else:
+        raise ValueError(f"unknown checkpoint format {fmt!r}; choose from "
+                         f"{('auto',) + FORMATS}")
+    if config is not None:
+        reader.config = config
+    return reader
+
+
+def read_checkpoint(path: str, input_format: str = "auto",
+                    config: TransformerConfig | None = None
+                    ) -> tuple[dict[str, Any], TransformerConfig]:
+    """(params, config) of any supported checkpoint, all in memory, shapes checked."""
+    reader = open_checkpoint(path, input_format, config)
+    shapes = reader.shapes()
+    config = reader.config or infer_config_from_shapes(shapes)
+    check_shapes(shapes, param_shapes(config), where=path)
+    return unflatten({p: np.array(reader.read(p)) for p in shapes}), config
