@@ -187,12 +187,6 @@ def _read_safetensor(filename: str, name: str, info: Mapping[str, Any]) -> np.nd
     return raw.astype(np.float32, copy=False).reshape(info["shape"])
 
 
-def _hf_table(config: TransformerConfig):
-    """[(hf name, t5x path, transpose, t5x shape)] for every parameter: hf_mapping's table, read
-    row by row here so that a checkpoint streams one tensor at a time."""
-    return hf_mapping._parameter_table(config)
-
-
 class HfT5Reader(CheckpointReader):
     """A Hugging Face T5.1.1 folder: config.json and safetensors or PyTorch weights.
 
@@ -213,7 +207,7 @@ class HfT5Reader(CheckpointReader):
         self._rows: dict[Path, tuple[str | None, bool, tuple[int, ...]]] = {}
         missing = []
         available = set(self._where)
-        table = _hf_table(self.config)
+        table = hf_mapping.parameter_table(self.config)
         for name, path, transpose, shape in table:
             source = name
             if name == "lm_head.weight" and name not in available:
@@ -236,7 +230,7 @@ class HfT5Reader(CheckpointReader):
         if missing:
             raise ValueError(f"{directory} lacks {len(missing)} arrays the config needs: "
                              f"{', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}")
-        known = {row[0] for row in table} | set(hf_mapping._IGNORED_HF_KEYS)
+        known = {row[0] for row in table} | set(hf_mapping.IGNORED_HF_KEYS)
         unexpected = sorted(available - known)
         if unexpected:
             raise ValueError(f"{directory} holds {len(unexpected)} arrays the config has no "

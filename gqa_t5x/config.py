@@ -79,6 +79,9 @@ class TransformerConfig:
             raise ValueError(f"dropout_rate={self.dropout_rate!r} must be in [0, 1)")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is not one of {sorted(_DTYPES)}")
+        if isinstance(self.grouped, str):
+            raise ValueError(f"grouped={self.grouped!r} must be a sequence of attention names, "
+                             f"e.g. ({self.grouped!r},)")
         grouped = tuple(self.grouped)
         unknown = [g for g in grouped if g not in ATTENTION_KINDS]
         if unknown:
@@ -104,7 +107,8 @@ class TransformerConfig:
     def replace(self, **changes: Any) -> TransformerConfig:
         return dataclasses.replace(self, **changes)
 
-    def decode_cache_bytes_per_token(self, input_length: int = 0, bytes_per_element: int = 0) -> int:
+    def decode_cache_bytes_per_token(self, input_length: int = 0,
+                                     bytes_per_element: int = 0) -> int:
         """Bytes of decode cache per sequence: self-attention K/V per generated token, plus
         cross-attention K/V for `input_length` encoder positions (0 for per-token only)."""
         b = bytes_per_element or jnp.dtype(self.activation_dtype).itemsize
