@@ -65,21 +65,29 @@ def _relpos(config: TransformerConfig, bidirectional: bool) -> layers.RelativePo
     )
 
 
+def _norm(config: TransformerConfig, name: str) -> layers.RMSNorm:
+    return layers.RMSNorm(config.layer_norm_epsilon, config.activation_dtype, name=name)
+
+
+def _mlp_block(config: TransformerConfig, x, enable_dropout: bool):
+    """x + dropout(mlp(norm(x))), the last sublayer of every encoder and decoder layer."""
+    h = _norm(config, "pre_mlp_layer_norm")(x)
+    h = layers.GatedGeluMlp(config.mlp_dim, config.dropout_rate, config.activation_dtype,
+                            name="mlp")(h, enable_dropout=enable_dropout)
+    x = x + _dropout(config, h, enable_dropout)
+    return layers.with_sharding_constraint(x, (layers.BATCH, layers.LENGTH, layers.EMBED))
+
+
 class EncoderLayer(nn.Module):
     config: TransformerConfig
 
     @nn.compact
     def __call__(self, x, bias, *, enable_dropout: bool = False):
         cfg = self.config
-        norm = lambda name: layers.RMSNorm(cfg.layer_norm_epsilon, cfg.activation_dtype, name=name)
-        h = norm("pre_attention_layer_norm")(x)
+        h = _norm(cfg, "pre_attention_layer_norm")(x)
         h = _attention(cfg, "encoder_self", "attention")(h, h, bias, enable_dropout=enable_dropout)
         x = x + _dropout(cfg, h, enable_dropout)
-        h = norm("pre_mlp_layer_norm")(x)
-        h = layers.GatedGeluMlp(cfg.mlp_dim, cfg.dropout_rate, cfg.activation_dtype,
-                                name="mlp")(h, enable_dropout=enable_dropout)
-        x = x + _dropout(cfg, h, enable_dropout)
-        return layers.with_sharding_constraint(x, (layers.BATCH, layers.LENGTH, layers.EMBED))
+        return _mlp_block(cfg, x, enable_dropout)
 
 
 class DecoderLayer(nn.Module):
@@ -90,22 +98,17 @@ class DecoderLayer(nn.Module):
     def __call__(self, x, encoded, self_bias, cross_bias, *, enable_dropout: bool = False,
                  decode: bool = False, cache_index=None, max_decode_length=None):
         cfg = self.config
-        norm = lambda name: layers.RMSNorm(cfg.layer_norm_epsilon, cfg.activation_dtype, name=name)
-        h = norm("pre_self_attention_layer_norm")(x)
+        h = _norm(cfg, "pre_self_attention_layer_norm")(x)
         h = _attention(cfg, "decoder_self", "self_attention")(
             h, h, self_bias, decode=decode, cache_index=cache_index,
             max_decode_length=max_decode_length, enable_dropout=enable_dropout)
         x = x + _dropout(cfg, h, enable_dropout)
-        h = norm("pre_cross_attention_layer_norm")(x)
+        h = _norm(cfg, "pre_cross_attention_layer_norm")(x)
         h = _attention(cfg, "cross", "encoder_decoder_attention", cross=True,
                        recompute_cross_kv=self.recompute_cross_kv)(
             h, encoded, cross_bias, decode=decode, enable_dropout=enable_dropout)
         x = x + _dropout(cfg, h, enable_dropout)
-        h = norm("pre_mlp_layer_norm")(x)
-        h = layers.GatedGeluMlp(cfg.mlp_dim, cfg.dropout_rate, cfg.activation_dtype,
-                                name="mlp")(h, enable_dropout=enable_dropout)
-        x = x + _dropout(cfg, h, enable_dropout)
-        return layers.with_sharding_constraint(x, (layers.BATCH, layers.LENGTH, layers.EMBED))
+        return _mlp_block(cfg, x, enable_dropout)
 
 
 class Encoder(nn.Module):
@@ -122,7 +125,7 @@ class Encoder(nn.Module):
         x = _dropout(cfg, self.token_embedder(tokens), enable_dropout)  # [B, S, D]
         for i in range(cfg.num_encoder_layers):
             x = EncoderLayer(cfg, name=f"layers_{i}")(x, bias, enable_dropout=enable_dropout)
-        x = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.activation_dtype, name="encoder_norm")(x)
+        x = _norm(cfg, "encoder_norm")(x)
         return _dropout(cfg, x, enable_dropout)
 
 
@@ -162,7 +165,7 @@ class Decoder(nn.Module):
             x = DecoderLayer(cfg, self.recompute_cross_kv, name=f"layers_{i}")(
                 x, encoded, self_bias, cross_bias, enable_dropout=enable_dropout, decode=decode,
                 cache_index=cache_index, max_decode_length=max_decode_length)
-        x = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.activation_dtype, name="decoder_norm")(x)
+        x = _norm(cfg, "decoder_norm")(x)
         x = _dropout(cfg, x, enable_dropout)
         logits = layers.DenseJoined(cfg.vocab_size, (layers.EMBED, layers.VOCAB),
                                     layers.mlp_kernel_init, cfg.activation_dtype,
