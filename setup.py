@@ -46,6 +46,7 @@ setuptools.setup(
         "console_scripts": [
             "gqa-demo=gqa_t5x.demo:main",
             "gqa-convert=gqa_t5x.convert_cli:main",
+            "gqa-bench=gqa_t5x.bench_cli:main",
         ],
     },
 )

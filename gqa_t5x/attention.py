@@ -77,18 +77,45 @@ def dot_product_attention(query, key, value, bias=None, *, dropout_rng=None, dro
     if n % k:
         raise ValueError(f"{n} query heads are not divisible by {k} kv heads")
     g = n // k
-    q = query.reshape(b, t, k, g, h)  # [B, T, K, G, H]
-    logits = jnp.einsum("BTKGH,BKSH->BKGTS", q, key,
-                        preferred_element_type=jnp.float32)  # [B, K, G, T, S]
+    s = key.shape[2]
+    # Queries of a group side by side, [B, K, G*T, H]: both contractions are then plain batched
+    # matmuls over (B, K) in the layout XLA's CPU and GPU dot kernels want.
+    q = query.reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4).reshape(b, k, g * t, h)
+    logits = jnp.einsum("BKQH,BKSH->BKQS", q, key,
+                        preferred_element_type=jnp.float32)  # [B, K, G*T, S]
+    logits = logits.reshape(b, k, g, t, s)  # [B, K, G, T, S]
     if bias is not None:
         bias = jnp.broadcast_to(bias, (bias.shape[0], n) + bias.shape[2:])
         logits = logits + bias.reshape(bias.shape[0], k, g, *bias.shape[2:]).astype(jnp.float32)
-    weights = jax.nn.softmax(logits, axis=-1).astype(dtype)  # [B, K, G, T, S]
+    # Softmax with the normalization applied after the value contraction: one pass fewer over
+    # the [B, N, T, S] weights, dividing the [B, N, T, H] output instead.
+    logits_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    unnormalized = jnp.exp(logits - logits_max)  # [B, K, G, T, S]
+    denominator = jnp.sum(unnormalized, axis=-1, keepdims=True)  # [B, K, G, T, 1]
     if dropout_rng is not None and dropout_rate > 0.0:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
-        weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0).astype(dtype)
-    out = jnp.einsum("BKGTS,BKSH->BTKGH", weights, value)  # [B, T, K, G, H]
-    return out.reshape(b, t, n, h)
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, unnormalized.shape)
+        unnormalized = jnp.where(keep, unnormalized / (1.0 - dropout_rate), 0.0)
+    weights = unnormalized.astype(dtype).reshape(b, k, g * t, s)
+    out = jnp.einsum("BKQS,BKSH->BKQH", weights, value,
+                     preferred_element_type=jnp.float32)  # [B, K, G*T, H]
+    out = out.reshape(b, k, g, t, h) / denominator  # [B, K, G, T, H]
+    return out.astype(dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
+def _split_batch_attention(query, key, value, bias, dtype):
+    """dot_product_attention on the two batch halves (rows [0, B//2) and [B//2, B)).
+
+    A decode step's cross-attention is bound by reading the [B, K, S, H] cache. XLA's CPU runtime
+    runs one contraction on one core but independent ones concurrently; `decoding` keeps the
+    cross cache as two half-batch buffers, so these slices cost no copy.
+    """
+    half = query.shape[0] // 2
+    parts = []
+    for rows in (slice(0, half), slice(half, None)):
+        part_bias = None if bias is None else (bias if bias.shape[0] == 1 else bias[rows])
+        parts.append(dot_product_attention(query[rows], key[rows], value[rows], part_bias,
+                                           dtype=dtype))
+    return jnp.concatenate(parts, axis=0)  # [B, 1, N, H]
 
 
 # ---- the module ---------------------------------------------------------------------------------
@@ -131,8 +158,9 @@ class GroupedQueryAttention(nn.Module):
         """inputs_q [B, T, D], inputs_kv [B, S, D], bias broadcastable to [B, N, T, S].
 
         With decode=True the first call creates the cache (for self-attention, zeros of length
-        max_decode_length; for cross-attention, the projected encoder output); later calls take
-        one token (T == 1) at `cache_index` and read keys/values from the cache.
+        max_decode_length, or of the input's length T when it is None; for cross-attention, the
+        projected encoder output); later calls take one token (T == 1) at `cache_index` and read
+        keys/values from the cache.
         """
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not divisible by "
@@ -155,8 +183,11 @@ class GroupedQueryAttention(nn.Module):
         dropout_rng = None
         if enable_dropout and self.dropout_rate > 0.0:
             dropout_rng = self.make_rng("dropout")
-        out = dot_product_attention(query, key, value, bias, dropout_rng=dropout_rng,
-                                    dropout_rate=self.dropout_rate, dtype=self.dtype)
+        if decode and self.cross and t == 1 and 2 <= b <= layers.SPLIT_MAX_ROWS:
+            out = _split_batch_attention(query, key, value, bias, self.dtype)
+        else:
+            out = dot_product_attention(query, key, value, bias, dropout_rng=dropout_rng,
+                                        dropout_rate=self.dropout_rate, dtype=self.dtype)
         out = out.reshape(b, t, self.num_heads * self.head_dim)  # [B, T, N*H]
         return layers.DenseJoined(d, (layers.JOINED_KV, layers.EMBED), layers.default_kernel_init,
                                   self.dtype, name="out")(out)
@@ -178,9 +209,10 @@ class GroupedQueryAttention(nn.Module):
         initialized = self.has_variable("cache", "cached_key")
         key, value = self._project_kv(inputs_kv)  # [B, K, T, H]
         if not initialized:
-            if max_decode_length is None:
-                raise ValueError("decode=True needs max_decode_length to create the cache")
-            shape = (b, self.num_kv_heads, max_decode_length, self.head_dim)
+            # Without max_decode_length the cache is as long as this call's input: t5x creates
+            # the cache from full-length dummy targets.
+            length = t if max_decode_length is None else max_decode_length
+            shape = (b, self.num_kv_heads, length, self.head_dim)
             self.put_variable("cache", "cached_key", jnp.zeros(shape, key.dtype))
             self.put_variable("cache", "cached_value", jnp.zeros(shape, value.dtype))
             return key, value  # the creating call's output is not used
