@@ -47,6 +47,9 @@ setuptools.setup(
             "gqa-demo=gqa_t5x.demo:main",
             "gqa-convert=gqa_t5x.convert_cli:main",
             "gqa-bench=gqa_t5x.bench_cli:main",
+            "gqa-train=gqa_t5x.run_cli:train_main",
+            "gqa-eval=gqa_t5x.run_cli:eval_main",
+            "gqa-infer=gqa_t5x.run_cli:infer_main",
         ],
     },
 )
