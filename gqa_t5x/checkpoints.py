@@ -4,27 +4,28 @@ Every reader is a `CheckpointReader` (see t5x_checkpoints.py): `shapes()` and `r
 the params under t5x's names one array at a time, as float32 numpy, so a converter can stream a
 checkpoint much larger than memory. `open_checkpoint` picks the reader from the folder.
 
-Our checkpoint layout (`CheckpointWriter`, `save_checkpoint`, `load_checkpoint`):
+Our checkpoint layout (`CheckpointWriter`, `save_checkpoint`, `load_checkpoint`; `gqa-convert`
+writes it too):
 
-  <dir>/config.json    the TransformerConfig (TransformerConfig.to_json)
-  <dir>/params/        one zarr v2 array per parameter, folder named by the dotted path
-                       (`target.decoder.layers_0.self_attention.key.kernel`), and two indexes
-                       over the same arrays:
-    _METADATA          orbax PyTree metadata (non-OCDBT) of {"target": params}, so that
-                       `orbax.checkpoint.PyTreeCheckpointer().restore(<dir>/params)` returns
-                       {"target": params} as numpy arrays;
-    checkpoint         t5x's legacy msgpack, {"version": 3, "optimizer": {"target": <specs>,
-                       "state": {"step": step}}}, so t5x reads the folder as a legacy t5x
-                       checkpoint.
+  <dir>/config.json              the TransformerConfig (TransformerConfig.to_json)
+  <dir>/checkpoint_<step>/       a t5x legacy checkpoint (format version 3, see t5x_checkpoints.py):
+    checkpoint                   msgpack of {"version": 3, "optimizer": {"target": <specs>,
+                                 "state": {"step": step}}}, each spec naming a zarr folder here
+    target.<dotted path>/        one zarr v2 array per parameter, e.g.
+                                 `target.decoder.layers_0.self_attention.key.kernel`
 
-To start a t5x fine-tuning or uptraining run from it, t5x needs: the model built with the same
-config (grouped key/value kernels [D, K*H] in the grouped attentions, e.g. this package's gin
-files); `utils.RestoreCheckpointConfig(path="<dir>/params", mode="specific", dtype="float32",
-strict=False, fallback_to_scratch=True)`, because the checkpoint holds no optimizer state (t5x
-then initializes it, as its sparse-upcycling recipe does); and, where the learning-rate schedule
-must continue, the source step, which the converter copies into `state/step`. The layout follows
-t5x's `checkpoints.py` (format version 3); t5x is not a dependency, so the tests check it with
-tensorstore and flax's msgpack, not with t5x itself.
+Our readers accept either `<dir>` or `<dir>/checkpoint_<step>` (the config is read from the
+parent). The step folder is what t5x restores: to start a t5x fine-tuning or uptraining run from
+it, t5x needs the path `<dir>/checkpoint_<step>` (t5x reads the step from the folder name), the
+model built with the same config (grouped key/value kernels [D, K*H] in the grouped attentions,
+e.g. this package's gin files), and `utils.RestoreCheckpointConfig(mode="specific",
+dtype="float32", strict=False, fallback_to_scratch=True)` with the assignment map of
+`gin/t5x/uptrain.gin`, `((r"state/param_states.*", None),)`: the checkpoint holds no optimizer
+state, which t5x then initializes afresh (as its sparse-upcycling recipe does), and t5x accepts
+`fallback_to_scratch` only with such a state transformation. The step continues from the source
+step, so the learning-rate schedule continues too. The folder holds no orbax `_METADATA`: t5x
+would take it for an orbax checkpoint and look for a `state/` item. t5x is not a dependency, so
+the tests check the layout with tensorstore and flax's msgpack, not with t5x itself.
 
 Hugging Face checkpoints are read directly, without transformers: `config.json` through
 `config_from_hf_t5`, weights from `model.safetensors` (parsed by header, one tensor per read) or
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from collections.abc import Mapping
 from typing import Any
@@ -47,9 +49,10 @@ from gqa_t5x.convert import check_shapes, param_shapes
 from gqa_t5x.hf_mapping import config_from_hf_t5, params_from_hf_t5  # noqa: F401
 from gqa_t5x.t5x_checkpoints import (
     CheckpointReader,
-    OrbaxTreeReader,
     Path,
+    T5xLegacyReader,
     infer_config_from_shapes,
+    is_t5x_legacy,
     legacy_spec,
     open_t5x,
     read_json,
@@ -61,25 +64,27 @@ from gqa_t5x.t5x_checkpoints import (
 
 FORMATS = ("gqa_t5x", "t5x", "hf")
 CONFIG_FILE = "config.json"
-PARAMS_DIR = "params"
+STEP_PREFIX = "checkpoint_"
+_STEP_DIR = re.compile(r"checkpoint_(\d+)")
 
 
 # ---- our format ---------------------------------------------------------------------------------
 
 
 class CheckpointWriter:
-    """Writes our checkpoint one array at a time; `close()` writes the indexes and the config.
+    """Writes our checkpoint one array at a time; `close()` writes the msgpack and the config.
 
-    Arrays go to disk as they come, so memory holds one array at a time. Until `close()` the
-    folder has no `_METADATA`, `checkpoint` or `config.json` and no reader accepts it.
+    Arrays go to disk (`<directory>/checkpoint_<step>/`) as they come, so memory holds one array
+    at a time. Until `close()` the folder has no `checkpoint` msgpack or `config.json` and no
+    reader accepts it.
     """
 
     def __init__(self, directory: str, config: TransformerConfig, step: int = 0):
         self.directory = directory
         self.config = config
-        self.step = step
-        self.params_dir = os.path.join(directory, PARAMS_DIR)
-        os.makedirs(self.params_dir, exist_ok=True)
+        self.step = int(step)
+        self.step_dir = step_dir(directory, self.step)
+        os.makedirs(self.step_dir, exist_ok=True)
         self._specs: dict[Path, dict[str, Any]] = {}
         self._expected = param_shapes(config)
 
@@ -93,23 +98,13 @@ class CheckpointWriter:
             raise ValueError(f"{'/'.join(path)} has shape {array.shape}, expected "
                              f"{self._expected[path]}")
         name = ".".join(("target",) + path)
-        metadata = write_zarr(os.path.join(self.params_dir, name), array)
+        metadata = write_zarr(os.path.join(self.step_dir, name), array)
         self._specs[path] = legacy_spec(name, metadata, array.dtype)
 
     def close(self) -> None:
         check_shapes({p: tuple(s["metadata"]["shape"]) for p, s in self._specs.items()},
-                     self._expected, where=f"checkpoint written to {self.directory}")
-        write_legacy_msgpack(self.params_dir, self._specs, self.step)
-        tree = {}
-        for path in self._specs:
-            keys = ("target",) + path
-            tree[str(keys)] = {
-                "key_metadata": [{"key": k, "key_type": 2} for k in keys],
-                "value_metadata": {"value_type": "np.ndarray", "skip_deserialize": False}}
-        orbax_metadata = {"tree_metadata": tree, "use_ocdbt": False, "use_zarr3": False,
-                          "store_array_data_equal_to_fill_value": True, "custom_metadata": None}
-        with open(os.path.join(self.params_dir, "_METADATA"), "w") as f:
-            json.dump(orbax_metadata, f)
+                     self._expected, where=f"checkpoint written to {self.step_dir}")
+        write_legacy_msgpack(self.step_dir, self._specs, self.step)
         with open(os.path.join(self.directory, CONFIG_FILE), "w") as f:
             f.write(self.config.to_json())
 
@@ -131,17 +126,52 @@ def _leaf_items(tree: Mapping[str, Any], prefix: Path = ()):
             yield prefix + (key,), value
 
 
-class GqaCheckpointReader(OrbaxTreeReader):
-    """Our checkpoint (see the module docstring); `config` comes from its config.json."""
+def step_dir(directory: str, step: int) -> str:
+    """`<directory>/checkpoint_<step>`: the folder t5x restores; it reads the step from the
+    name."""
+    return os.path.join(directory, f"{STEP_PREFIX}{int(step)}")
 
-    def __init__(self, directory: str):
-        config_file = os.path.join(directory, CONFIG_FILE)
+
+def _is_our_config(directory: str) -> bool:
+    config_file = os.path.join(directory, CONFIG_FILE)
+    return os.path.isfile(config_file) and "emb_dim" in read_json(config_file)
+
+
+def resolve_gqa_checkpoint(path: str) -> tuple[str, str] | None:
+    """(folder holding config.json, its checkpoint_<step> folder) for our checkpoint at `path`,
+    given either of the two; the newest complete step where there are several; None if `path`
+    is not our checkpoint."""
+    path = os.path.normpath(path)
+    if not os.path.isdir(path):
+        return None
+    match = _STEP_DIR.fullmatch(os.path.basename(path))
+    if match and is_t5x_legacy(path) and _is_our_config(os.path.dirname(path)):
+        return os.path.dirname(path), path
+    if not _is_our_config(path):
+        return None
+    steps = [(int(m.group(1)), os.path.join(path, n)) for n in os.listdir(path)
+             if (m := _STEP_DIR.fullmatch(n)) and is_t5x_legacy(os.path.join(path, n))]
+    return (path, max(steps)[1]) if steps else None
+
+
+class GqaCheckpointReader(T5xLegacyReader):
+    """Our checkpoint (see the module docstring), given as `<dir>` or `<dir>/checkpoint_<step>`;
+    `config` comes from `<dir>/config.json`, `step` from the msgpack."""
+
+    def __init__(self, path: str):
+        resolved = resolve_gqa_checkpoint(path)
+        if resolved is None:
+            raise ValueError(f"{path} is not a gqa_t5x checkpoint: expected {CONFIG_FILE} (a "
+                             f"TransformerConfig) beside a {STEP_PREFIX}<step>/ folder holding a "
+                             f"'checkpoint' msgpack")
+        root, directory = resolved
+        config_file = os.path.join(root, CONFIG_FILE)
         try:
             config = TransformerConfig.from_dict(read_json(config_file))
         except (TypeError, ValueError) as e:
             raise ValueError(f"{config_file} is not a valid TransformerConfig: {e}") from e
-        super().__init__(os.path.join(directory, PARAMS_DIR))
-        self.path = directory
+        super().__init__(directory)
+        self.path = path
         self.format = "gqa_t5x"
         self.config = config
 
@@ -303,20 +333,18 @@ def detect_format(path: str) -> str:
     """'gqa_t5x', 'hf' or 't5x' from the files in `path`; ValueError if none fits."""
     if not os.path.isdir(path):
         raise ValueError(f"checkpoint {path} does not exist or is not a folder")
+    if resolve_gqa_checkpoint(path) is not None:
+        return "gqa_t5x"
     config_file = os.path.join(path, CONFIG_FILE)
-    if os.path.isfile(config_file):
-        keys = set(read_json(config_file))
-        if "emb_dim" in keys and os.path.isdir(os.path.join(path, PARAMS_DIR)):
-            return "gqa_t5x"
-        if "d_model" in keys:
-            return "hf"
+    if os.path.isfile(config_file) and "d_model" in read_json(config_file):
+        return "hf"
     try:
         resolve_t5x_dir(path)
         return "t5x"
     except ValueError:
         pass
     raise ValueError(f"unknown checkpoint format in {path}: expected {CONFIG_FILE} with "
-                     f"{PARAMS_DIR}/ (gqa_t5x), {CONFIG_FILE} with model.safetensors or "
+                     f"{STEP_PREFIX}<step>/ (gqa_t5x), {CONFIG_FILE} with model.safetensors or "
                      f"pytorch_model.bin (hf), or a t5x checkpoint ('checkpoint' msgpack or an "
                      f"orbax tree, possibly under checkpoint_<step>/)")
 

@@ -6,7 +6,9 @@
 
 `convert_checkpoint` reads each array from the source (t5x legacy or orbax, Hugging Face T5.1.1,
 or our own format), pools it if it is a grouped key/value kernel (convert.py) and writes it to
-our checkpoint format (checkpoints.py) before reading the next, so memory holds about one array.
+our checkpoint format (checkpoints.py) before reading the next, so memory holds about one array:
+`--output` gets `config.json`, `conversion.json` (this summary) and `checkpoint_<step>/`, a t5x
+legacy checkpoint at the source step that t5x restores as INITIAL_CHECKPOINT_PATH.
 The output is written to a hidden sibling folder and renamed to `--output` at the end: a crash
 leaves nothing at `--output`.
 """
@@ -23,7 +25,7 @@ import time
 import uuid
 from collections.abc import Sequence
 
-from gqa_t5x.checkpoints import FORMATS, CheckpointWriter, open_checkpoint
+from gqa_t5x.checkpoints import FORMATS, CheckpointWriter, open_checkpoint, step_dir
 from gqa_t5x.config import ATTENTION_KINDS, PRESETS, TransformerConfig, with_kv_heads
 from gqa_t5x.convert import (
     METHODS,
@@ -74,6 +76,7 @@ class ConversionSummary:
             f"{cross_after:,}",
             f"  {self.num_arrays} arrays, largest {_size(self.largest_array_bytes)}; "
             f"step {self.step}; {self.seconds:.1f} s",
+            f"  t5x checkpoint (INITIAL_CHECKPOINT_PATH): {step_dir(self.output, self.step)}",
         ]
         return "\n".join(lines)
 

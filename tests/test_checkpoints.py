@@ -126,33 +126,54 @@ def convert(tmp_path, src, **kw):
 # ---- our format ---------------------------------------------------------------------------------
 
 
-def test_save_load_roundtrip_and_orbax_reads_it(tmp_path, params):
+def test_layout_is_what_t5x_legacy_restore_reads(tmp_path, params):
+    """Read back as t5x's legacy restore does, without our readers: the step folder's msgpack
+    with flax, each zarr spec made absolute by joining its path to the step folder, opened with
+    tensorstore as written (so its stored dtype and metadata must match the array on disk)."""
     save_checkpoint(str(tmp_path / "ck"), params, CONFIG, step=3)
-    loaded, config = load_checkpoint(str(tmp_path / "ck"))
-    assert config == CONFIG
-    assert_trees_equal(loaded, params)
-    restored = ocp.PyTreeCheckpointer().restore(str(tmp_path / "ck" / "params"))
-    assert set(restored) == {"target"}
-    assert_trees_equal(restored["target"], params)
-
-
-def test_our_output_is_a_t5x_legacy_checkpoint(tmp_path, params):
-    save_checkpoint(str(tmp_path / "ck"), params, CONFIG, step=3)
-    directory = tmp_path / "ck" / "params"
+    assert sorted(os.listdir(tmp_path / "ck")) == ["checkpoint_3", "config.json"]
+    directory = tmp_path / "ck" / "checkpoint_3"
+    names = {".".join(("target",) + path) for path in flat(params)}
+    assert set(os.listdir(directory)) == names | {"checkpoint"}  # no orbax _METADATA
     contents = serialization.msgpack_restore((directory / "checkpoint").read_bytes())
-    assert contents["version"] == 3
+    assert contents["version"] == 3 and set(contents) == {"version", "optimizer"}
+    assert set(contents["optimizer"]) == {"target", "state"}
+    assert set(contents["optimizer"]["state"]) == {"step"}
     assert int(contents["optimizer"]["state"]["step"]) == 3
-    spec = contents["optimizer"]["target"]["decoder"]["layers_1"]["self_attention"]["key"][
-        "kernel"]
-    assert spec["kvstore"]["path"] == "target.decoder.layers_1.self_attention.key.kernel"
-    absolute = {**spec, "kvstore": {"driver": "file",
-                                    "path": str(directory / spec["kvstore"]["path"])}}
-    np.testing.assert_array_equal(
-        ts.open(absolute).result().read().result(),
-        params["decoder"]["layers_1"]["self_attention"]["key"]["kernel"])
-    reader = open_checkpoint(str(directory), "t5x")
-    assert reader.format == "t5x_legacy" and reader.step == 3
+    target = contents["optimizer"]["target"]
+    for path, expected in flat(params).items():
+        spec = target
+        for key in path:
+            spec = spec[key]
+        assert spec["driver"] == "zarr"
+        assert spec["kvstore"] == {"driver": "file", "path": ".".join(("target",) + path)}
+        absolute = {**spec, "kvstore": {"driver": "file",
+                                        "path": str(directory / spec["kvstore"]["path"])}}
+        array = ts.open(absolute).result().read().result()
+        assert array.dtype == np.float32, path
+        np.testing.assert_array_equal(array, expected, err_msg=str(path))
+    assert json.loads((tmp_path / "ck" / "config.json").read_text()) == CONFIG.to_dict()
+
+
+def test_our_readers_take_the_folder_or_its_step_folder(tmp_path, params):
+    save_checkpoint(str(tmp_path / "ck"), params, CONFIG, step=3)
+    for path in (tmp_path / "ck", tmp_path / "ck" / "checkpoint_3"):
+        assert checkpoints.detect_format(str(path)) == "gqa_t5x"
+        loaded, config = load_checkpoint(str(path))
+        assert config == CONFIG
+        assert_trees_equal(loaded, params)
+        reader = open_checkpoint(str(path))
+        assert (reader.format, reader.step, reader.config) == ("gqa_t5x", 3, CONFIG)
+    # The step folder is also a plain t5x legacy checkpoint (no config).
+    reader = open_checkpoint(str(tmp_path / "ck" / "checkpoint_3"), "t5x")
+    assert (reader.format, reader.step, reader.config) == ("t5x_legacy", 3, None)
     assert_trees_equal(reader.read_all(), params)
+    # Without the msgpack (written last, by close()) it is not our checkpoint.
+    (tmp_path / "ck" / "checkpoint_3" / "checkpoint").unlink()
+    for path in (tmp_path / "ck", tmp_path / "ck" / "checkpoint_3"):
+        assert checkpoints.detect_format(str(path)) != "gqa_t5x"
+        with pytest.raises(ValueError, match="is not a gqa_t5x checkpoint"):
+            load_checkpoint(str(path))
 
 
 # ---- round trips through each source format -----------------------------------------------------
@@ -165,6 +186,8 @@ def test_t5x_legacy_roundtrip(tmp_path, params, method):
     (loaded, config), summary = convert(tmp_path, tmp_path / "run", method=method, seed=4)
     target = with_kv_heads(CONFIG, 2)
     assert config == target and summary.step == 7 and summary.input_format == "t5x_legacy"
+    assert sorted(os.listdir(tmp_path / "out")) == ["checkpoint_7", "config.json",
+                                                    "conversion.json"]
     expected = convert_params(params, CONFIG, target, method, seed=4)
     assert_trees_equal(loaded, expected)
     np.testing.assert_allclose(logits(loaded, config), logits(expected, target), atol=1e-6)
@@ -263,6 +286,8 @@ def test_cli_prints_summary(tmp_path, params, capsys):
     # self-attention cache per token: layers x (K, V) x kv heads x head_dim x 4 bytes
     assert f"per generated token (float32): {2 * 2 * 4 * 4 * 4:,} -> {2 * 2 * 1 * 4 * 4:,}" in out
     assert json.loads((tmp_path / "out" / "conversion.json").read_text())["method"] == "mean"
+    assert f"INITIAL_CHECKPOINT_PATH): {tmp_path / 'out' / 'checkpoint_0'}\n" in out
+    assert (tmp_path / "out" / "checkpoint_0" / "checkpoint").is_file()
 
 
 def test_cli_reports_errors(tmp_path, params, capsys):
