@@ -49,6 +49,7 @@ from gqa_t5x.convert import check_shapes, param_shapes
 from gqa_t5x.hf_mapping import config_from_hf_t5, params_from_hf_t5  # noqa: F401
 from gqa_t5x.t5x_checkpoints import (
     CheckpointReader,
+    OrbaxTreeReader,
     Path,
     T5xLegacyReader,
     infer_config_from_shapes,
@@ -174,6 +175,43 @@ class GqaCheckpointReader(T5xLegacyReader):
         self.path = path
         self.format = "gqa_t5x"
         self.config = config
+
+
+class RunCheckpointReader(OrbaxTreeReader):
+    """A training run's orbax checkpoint (`train_state.py`): `<MODEL_DIR>/checkpoint_<step>/` with
+    `state/` (params, optimizer state), `config/` (the TransformerConfig as JSON) and `run/`
+    (JSON with the step). Given the run's MODEL_DIR, the newest step is read. Only the params are
+    read; the optimizer state is left alone."""
+
+    def __init__(self, path: str):
+        directory = resolve_run_checkpoint(path)
+        if directory is None:
+            raise ValueError(f"{path} is not a training checkpoint: expected "
+                             f"{STEP_PREFIX}<step>/ with state/, config/ and run/")
+        super().__init__(os.path.join(directory, "state"))
+        self.path = path
+        self.format = "gqa_t5x"
+        self.config = TransformerConfig.from_dict(
+            read_json(os.path.join(directory, "config", "metadata")))
+        self.step = int(read_json(os.path.join(directory, "run", "metadata"))["step"])
+
+
+def _is_run_step(path: str) -> bool:
+    return all(os.path.isfile(os.path.join(path, item, "metadata")) for item in ("config", "run")
+               ) and os.path.isdir(os.path.join(path, "state"))
+
+
+def resolve_run_checkpoint(path: str) -> str | None:
+    """The `checkpoint_<step>` folder of a training run given it or the run's MODEL_DIR (the
+    newest complete step); None if `path` is neither."""
+    path = os.path.normpath(path)
+    if not os.path.isdir(path):
+        return None
+    if _is_run_step(path):
+        return path
+    steps = [(int(m.group(1)), os.path.join(path, n)) for n in os.listdir(path)
+             if (m := _STEP_DIR.fullmatch(n)) and _is_run_step(os.path.join(path, n))]
+    return max(steps)[1] if steps else None
 
 
 def load_checkpoint(directory: str) -> tuple[dict[str, Any], TransformerConfig]:
@@ -333,7 +371,7 @@ def detect_format(path: str) -> str:
     """'gqa_t5x', 'hf' or 't5x' from the files in `path`; ValueError if none fits."""
     if not os.path.isdir(path):
         raise ValueError(f"checkpoint {path} does not exist or is not a folder")
-    if resolve_gqa_checkpoint(path) is not None:
+    if resolve_gqa_checkpoint(path) is not None or resolve_run_checkpoint(path) is not None:
         return "gqa_t5x"
     config_file = os.path.join(path, CONFIG_FILE)
     if os.path.isfile(config_file) and "d_model" in read_json(config_file):
@@ -356,7 +394,8 @@ def open_checkpoint(path: str, input_format: str = "auto",
     formats it replaces the stored config."""
     fmt = detect_format(path) if input_format == "auto" else input_format
     if fmt == "gqa_t5x":
-        reader = GqaCheckpointReader(path)
+        is_run = resolve_run_checkpoint(path) is not None
+        reader = RunCheckpointReader(path) if is_run else GqaCheckpointReader(path)
     elif fmt == "hf":
         return HfT5Reader(path, config)
     elif fmt == "t5x":

@@ -14,6 +14,7 @@ import toy_tasks
 from gqa_t5x import (
     checkpoints,
     convert,
+    convert_cli,
     evaluate,
     models,
     optim,
@@ -119,17 +120,22 @@ def test_pretrain_convert_uptrain_finetune_eval_infer(tmp_path):
     assert losses[-1] < losses[0] - 1.0, losses
     assert "TRAIN_STEPS = 300" in (pre / "config.gin").read_text()
 
-    # Convert MHA -> MQA (mean pooling) into a params checkpoint that records the step.
+    # Convert the run's newest checkpoint MHA -> MQA with gqa-convert; the step (300) and the
+    # config travel with it, and the pooled params equal converting the restored params.
+    assert convert_cli.main(["--input", str(pre), "--output", str(tmp_path / "mqa"),
+                             "--num_kv_heads", "1", "--method", "mean"]) == 0
     params, config, step = train_state.read_train_checkpoint(str(pre / "checkpoint_300"))
     mqa = config.replace(num_kv_heads=1)
     pooled = convert.convert_params(jax.tree_util.tree_map(np.asarray, params), config, mqa,
                                     "mean", 0)
-    checkpoints.save_checkpoint(str(tmp_path / "mqa"), pooled, mqa, step=step)
+    written, written_config = checkpoints.load_checkpoint(str(tmp_path / "mqa"))
+    assert written_config == mqa and step == 300
+    jax.tree_util.tree_map(np.testing.assert_array_equal, written, pooled)
 
     _cli(run_cli.train_main, ["models/tiny.gin", "attention/mqa.gin", "runs/uptrain.gin"],
          [f"MODEL_DIR='{up}'", "MIXTURE_OR_TASK_NAME='synthetic_span_corruption'",
           f"TASK_FEATURE_LENGTHS={LENGTHS}", "BATCH_SIZE=16", "WARMUP_STEPS=100",
-          f"INITIAL_CHECKPOINT_PATH='{tmp_path / 'mqa'}'", "INITIAL_CHECKPOINT_STEP=300",
+          f"INITIAL_CHECKPOINT_PATH='{tmp_path / 'mqa'}'",
           "UPTRAIN_FRACTION=0.1", "LOG_EVERY=10", VOCAB])
     up_records = [r for r in run_log.read_metrics(up) if r["split"] == "train"]
     assert up_records[-1]["step"] == 330  # 300 continued + 10% of 300
