@@ -76,6 +76,18 @@ def get_mixture_or_task(name: str):
                          f"{', '.join(names)}") from None
 
 
+def check_vocabulary(task, config: TransformerConfig) -> None:
+    """The model must embed every id the task's vocabularies produce (JAX gathers clamp silently
+    out-of-range ids, which would train on garbage)."""
+    for name, feature in task.output_features.items():
+        size = feature.vocabulary.vocab_size
+        if size > config.vocab_size:
+            raise ValueError(
+                f"task {task.name!r} feature {name!r} has a vocabulary of {size} ids but the "
+                f"model's vocab_size is {config.vocab_size}; set "
+                f"gqa_t5x.models.model_config.vocab_size to at least {size}")
+
+
 def train_dataset(name: str, feature_lengths: Mapping[str, int], batch_size: int, *,
                   shuffle_seed: int, pack: bool = True, skip_examples: int = 0,
                   shard_info: seqio.ShardInfo | None = None, use_cached: bool = False):
@@ -220,7 +232,7 @@ def train(
     schedule = schedule if schedule is not None else optim.rsqrt_schedule()
     tx = optimizer if optimizer is not None else optim.adafactor()
     config = model.config
-    get_mixture_or_task(mixture_or_task_name)
+    check_vocabulary(get_mixture_or_task(mixture_or_task_name), config)
     mesh = partitioning.create_mesh(model_parallel)
     host_batch = partitioning.check_batch_size(batch_size, mesh)
     lengths = dict(task_feature_lengths)

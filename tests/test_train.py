@@ -136,6 +136,14 @@ def test_unknown_task_names_the_registered_ones(tmp_path):
         _train(tmp_path, mixture_or_task_name="toy_revers")
 
 
+def test_task_vocabulary_larger_than_the_model_is_refused():
+    task = train.get_mixture_or_task(toy_tasks.register())
+    train.check_vocabulary(task, get_config("tiny", vocab_size=toy_tasks.VOCAB_SIZE))
+    with pytest.raises(ValueError, match=rf"vocabulary of {toy_tasks.VOCAB_SIZE} ids .* "
+                                         rf"vocab_size is {toy_tasks.VOCAB_SIZE - 1}"):
+        train.check_vocabulary(task, get_config("tiny", vocab_size=toy_tasks.VOCAB_SIZE - 1))
+
+
 def test_train_steps_and_uptrain_fraction_are_exclusive(tmp_path):
     with pytest.raises(ValueError, match="exactly one of train_steps"):
         _train(tmp_path, uptrain_fraction=0.1)
