@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The paper's pipeline at CPU scale on the embedded synthetic suite, with the console scripts:
+# pretrain an MHA model on synthetic span corruption, convert it to GQA-2 and MQA by mean pooling,
+# uptrain each for UPTRAIN_FRACTION of the pretraining steps, fine-tune each on synthetic_qa, and
+# evaluate. Every stage prints progress; metrics land in each MODEL_DIR's metrics.jsonl.
+#
+#   scripts/tiny_pipeline.sh [OUT_DIR]      (FORCE=1 replaces an existing OUT_DIR)
+set -euo pipefail
+
+OUT=${1:-out/tiny_pipeline}
+PRETRAIN_STEPS=${PRETRAIN_STEPS:-400}
+UPTRAIN_FRACTION=${UPTRAIN_FRACTION:-0.1}
+FINETUNE_STEPS=${FINETUNE_STEPS:-600}
+if [ -e "$OUT" ]; then
+  if [ "${FORCE:-0}" != 1 ]; then
+    echo "$OUT exists; set FORCE=1 to replace it" >&2
+    exit 1
+  fi
+  rm -rf "$OUT"
+fi
+mkdir -p "$OUT"
+
+# d_model 128, 8 heads x 16, mlp 256, 2+2 layers; the suite's vocabulary (2100 ids, padded).
+MODEL=(--gin_file=models/tiny.gin
+       --gin.gqa_t5x.models.model_config.vocab_size=2176
+       --gin.gqa_t5x.models.model_config.emb_dim=128
+       --gin.gqa_t5x.models.model_config.num_heads=8
+       --gin.gqa_t5x.models.model_config.head_dim=16
+       --gin.gqa_t5x.models.model_config.mlp_dim=256)
+SPAN=(--gin.MIXTURE_OR_TASK_NAME="'synthetic_span_corruption'"
+      --gin.TASK_FEATURE_LENGTHS="{'inputs': 256, 'targets': 64}" --gin.BATCH_SIZE=32
+      --gin.WARMUP_STEPS=100 --gin.LOG_EVERY=50)
+QA=(--gin.MIXTURE_OR_TASK_NAME="'synthetic_qa'"
+    --gin.TASK_FEATURE_LENGTHS="{'inputs': 80, 'targets': 8}")
+
+stage() { echo; echo "== $* ($(date +%T))"; }
+
+stage "pretrain MHA, $PRETRAIN_STEPS steps"
+gqa-train "${MODEL[@]}" --gin_file=attention/mha.gin --gin_file=runs/pretrain.gin "${SPAN[@]}" \
+  --gin.MODEL_DIR="'$OUT/pretrain'" --gin.TRAIN_STEPS="$PRETRAIN_STEPS" \
+  --gin.CHECKPOINT_EVERY="$PRETRAIN_STEPS"
+
+for kv in 8 2 1; do
+  case $kv in 8) name=mha; attention=mha.gin ;; 1) name=mqa; attention=mqa.gin ;;
+              *) name=gqa$kv; attention=gqa8.gin ;; esac
+  start="$OUT/pretrain"
+  if [ "$kv" != 8 ]; then
+    stage "convert MHA -> $name (mean pooling)"
+    gqa-convert --input "$OUT/pretrain" --output "$OUT/$name-converted" --num_kv_heads "$kv" \
+      --method mean
+    start="$OUT/$name-converted"
+  fi
+  stage "uptrain $name for $UPTRAIN_FRACTION x $PRETRAIN_STEPS steps"
+  gqa-train "${MODEL[@]}" --gin_file=attention/$attention --gin.NUM_KV_HEADS="$kv" \
+    --gin_file=runs/uptrain.gin "${SPAN[@]}" --gin.MODEL_DIR="'$OUT/$name-uptrain'" \
+    --gin.INITIAL_CHECKPOINT_PATH="'$start'" --gin.UPTRAIN_FRACTION="$UPTRAIN_FRACTION"
+  stage "fine-tune $name on synthetic_qa, $FINETUNE_STEPS steps"
+  gqa-train "${MODEL[@]}" --gin_file=attention/$attention --gin.NUM_KV_HEADS="$kv" \
+    --gin_file=runs/finetune.gin "${QA[@]}" --gin.MODEL_DIR="'$OUT/$name-finetune'" \
+    --gin.INITIAL_CHECKPOINT_PATH="'$OUT/$name-uptrain'" --gin.TRAIN_STEPS="$FINETUNE_STEPS" \
+    --gin.BATCH_SIZE=32 --gin.LEARNING_RATE=0.003 --gin.DROPOUT_RATE=0.0 \
+    --gin.EVAL_EVERY="$FINETUNE_STEPS" --gin.EVAL_BATCH_SIZE=100 --gin.EVAL_NUM_EXAMPLES=200 \
+    --gin.BEST_METRIC="'synthetic_qa/em'" --gin.LOG_EVERY=100
+  stage "evaluate $name"
+  gqa-eval --gin_file=runs/eval.gin "${QA[@]}" --gin.MODEL_DIR="'$OUT/$name-finetune'" \
+    --gin.EVAL_BATCH_SIZE=100 --gin.EVAL_NUM_EXAMPLES=200
+done
+echo; echo "done: $OUT"
