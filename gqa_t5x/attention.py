@@ -102,22 +102,6 @@ def dot_product_attention(query, key, value, bias=None, *, dropout_rng=None, dro
     return out.astype(dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
-def _split_batch_attention(query, key, value, bias, dtype):
-    """dot_product_attention on the two batch halves (rows [0, B//2) and [B//2, B)).
-
-    A decode step's cross-attention is bound by reading the [B, K, S, H] cache. XLA's CPU runtime
-    runs one contraction on one core but independent ones concurrently; `decoding` keeps the
-    cross cache as two half-batch buffers, so these slices cost no copy.
-    """
-    half = query.shape[0] // 2
-    parts = []
-    for rows in (slice(0, half), slice(half, None)):
-        part_bias = None if bias is None else (bias if bias.shape[0] == 1 else bias[rows])
-        parts.append(dot_product_attention(query[rows], key[rows], value[rows], part_bias,
-                                           dtype=dtype))
-    return jnp.concatenate(parts, axis=0)  # [B, 1, N, H]
-
-
 # ---- the module ---------------------------------------------------------------------------------
 
 
@@ -183,11 +167,8 @@ class GroupedQueryAttention(nn.Module):
         dropout_rng = None
         if enable_dropout and self.dropout_rate > 0.0:
             dropout_rng = self.make_rng("dropout")
-        if decode and self.cross and t == 1 and 2 <= b <= layers.SPLIT_MAX_ROWS:
-            out = _split_batch_attention(query, key, value, bias, self.dtype)
-        else:
-            out = dot_product_attention(query, key, value, bias, dropout_rng=dropout_rng,
-                                        dropout_rate=self.dropout_rate, dtype=self.dtype)
+        out = dot_product_attention(query, key, value, bias, dropout_rng=dropout_rng,
+                                    dropout_rate=self.dropout_rate, dtype=self.dtype)
         out = out.reshape(b, t, self.num_heads * self.head_dim)  # [B, T, N*H]
         return layers.DenseJoined(d, (layers.JOINED_KV, layers.EMBED), layers.default_kernel_init,
                                   self.dtype, name="out")(out)

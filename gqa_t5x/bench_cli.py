@@ -32,8 +32,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_beams", type=int, default=0, help="also time beam search (0: no)")
     p.add_argument("--compare_hf", action="store_true",
                    help="also time transformers' PyTorch T5 generate (MHA, greedy)")
-    p.add_argument("--no_split_decode", action="store_true",
-                   help="run each decode-step matmul as one op (no two-core split)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_dir", default="benchmark_results")
     p.add_argument("--force", action="store_true", help="overwrite existing results")
@@ -63,8 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         input_length=args.input_length, output_length=args.output_length,
         batch_size=args.batch_size, groups=benchmark.parse_groups(args.groups),
         repeats=args.repeats, recompute_cross_kv=args.recompute_cross_kv,
-        compare_hf=args.compare_hf, num_beams=args.num_beams, seed=args.seed,
-        split_decode=not args.no_split_decode)
+        compare_hf=args.compare_hf, num_beams=args.num_beams, seed=args.seed)
     try:
         results = benchmark.run_benchmark(config, settings, args.output_dir, force=args.force)
     except (FileExistsError, ValueError) as e:

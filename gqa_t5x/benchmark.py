@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gqa_t5x import decoding, layers
+from gqa_t5x import decoding
 from gqa_t5x.config import TransformerConfig
 from gqa_t5x.network import Transformer
 
@@ -54,7 +54,6 @@ class BenchmarkSettings:
     compare_hf: bool = False
     num_beams: int = 0
     seed: int = 0
-    split_decode: bool = True  # layers.SPLIT_MAX_ROWS: two-core splits of decode-step work
 
 
 # ---- the bytes model (pure) ---------------------------------------------------------------------
@@ -327,14 +326,7 @@ def run_benchmark(config: TransformerConfig, settings: BenchmarkSettings, output
     if bad:
         raise ValueError(f"groups {bad} do not divide num_heads={config.num_heads}")
     os.makedirs(output_dir, exist_ok=True)
-    split_rows = layers.SPLIT_MAX_ROWS
-    layers.SPLIT_MAX_ROWS = split_rows if settings.split_decode else 0
-    jax.clear_caches()  # the split is read at trace time
-    try:
-        results = _run(config, settings, groups, log)
-    finally:
-        layers.SPLIT_MAX_ROWS = split_rows
-        jax.clear_caches()
+    results = _run(config, settings, groups, log)
     with open(paths[0], "w") as f:
         json.dump(results, f, indent=2)
     plot(results, paths[1])

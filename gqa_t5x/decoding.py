@@ -24,7 +24,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from gqa_t5x import layers
 from gqa_t5x.network import Transformer
 
 # As t5x: large enough to drop a candidate, small enough not to overflow after additions.
@@ -84,45 +83,6 @@ def _names(path) -> list[str]:
     return [str(getattr(p, "key", p)) for p in path]
 
 
-def _is_halves(x) -> bool:
-    return isinstance(x, tuple)
-
-
-def _split_for_loop(params, cache, batch: int):
-    """Buffers the step reads in halves, made once before the loop (see `layers.DenseJoined`
-    and `attention._split_batch_attention`): decoder kernels that DenseJoined splits, as column
-    halves, and the cross-attention cache, as batch halves. Halves are (first, second) tuples.
-    """
-    def kernel(path, x):
-        names = _names(path)
-        if (names[0] != "decoder" or x.ndim != 2 or not layers.splits_kernel(batch, x.shape)
-                or (_CROSS_CACHE in names and names[-2] in ("key", "value"))):
-            return x
-        half = x.shape[1] // 2
-        return (x[:, :half], x[:, half:])
-
-    def cross(path, x):
-        if not 2 <= batch <= layers.SPLIT_MAX_ROWS or _CROSS_CACHE not in _names(path):
-            return x
-        return (x[: batch // 2], x[batch // 2:])
-
-    return (jax.tree_util.tree_map_with_path(kernel, params),
-            jax.tree_util.tree_map_with_path(cross, cache))
-
-
-def _join(tree, axis: int):
-    """Inverse of `_split_for_loop` for one tree; XLA folds the slices of these
-    concatenations back to the halves, so the step reads them without copies."""
-    return jax.tree_util.tree_map(
-        lambda x: jnp.concatenate(x, axis) if _is_halves(x) else x, tree, is_leaf=_is_halves)
-
-
-def _keep_halves(new_cache, split_cache):
-    """The step's new cache with the (unchanged) cross-attention entries kept in halves."""
-    return jax.tree_util.tree_map(lambda old, new: old if _is_halves(old) else new,
-                                  split_cache, new_cache, is_leaf=_is_halves)
-
-
 def _argmax(logits):
     """jnp.argmax over the last axis (first index of the maximum), as two plain reductions:
     XLA's CPU backend runs the (value, index) reduction of jnp.argmax several times slower."""
@@ -166,14 +126,10 @@ def decode_loop(module: Transformer, params, cache, encoded, encoder_input_token
         running = i < max_decode_length
         return running if force_steps else running & ~jnp.all(ended)
 
-    split_params, cache = _split_for_loop(params, cache, b)
-
     def body(state):
         i, cache, out, last, ended, scores = state
-        logits, new_cache = decode_step(module, _join(split_params, 1), _join(cache, 0),
-                                        encoded, encoder_input_tokens, last,
-                                        max_decode_length=max_decode_length)  # [B, V]
-        cache = _keep_halves(new_cache, cache)
+        logits, cache = decode_step(module, params, cache, encoded, encoder_input_tokens, last,
+                                    max_decode_length=max_decode_length)  # [B, V]
         nxt = _select(logits, rng, i, method, temperature, top_k)  # [B]
         log_z = jax.nn.logsumexp(logits, axis=-1)  # [B]
         logp = jnp.take_along_axis(logits, nxt[:, None], axis=-1)[:, 0] - log_z
@@ -192,7 +148,7 @@ def decode_loop(module: Transformer, params, cache, encoded, encoder_input_token
         jnp.zeros((b,), jnp.float32),
     )
     steps, cache, out, _, _, scores = jax.lax.while_loop(cond, body, state)
-    return LoopResult(out, scores, steps, _join(cache, 0))
+    return LoopResult(out, scores, steps, cache)
 
 
 def brevity_penalty(alpha: float, length):
@@ -244,15 +200,11 @@ def beam_search(module: Transformer, params, cache, encoded, encoder_input_token
         worst_fin = jnp.where(fin_flags, worst_fin, NEG_INF)  # [B, W]
         return running & ~jnp.all(worst_fin > best_live)
 
-    split_params, cache = _split_for_loop(params, cache, bw)
-
     def body(state):
         i, live_logp, fin_scores, live_seqs, fin_seqs, fin_flags, cache = state
         last = jax.lax.dynamic_slice(live_seqs, (0, 0, i), (b, w, 1)).reshape(bw)
-        logits, new_cache = decode_step(module, _join(split_params, 1), _join(cache, 0),
-                                        encoded, encoder_input_tokens, last,
-                                        max_decode_length=max_decode_length)  # [B*W, V]
-        cache = _keep_halves(new_cache, cache)
+        logits, cache = decode_step(module, params, cache, encoded, encoder_input_tokens, last,
+                                    max_decode_length=max_decode_length)  # [B*W, V]
         v = logits.shape[-1]
         logp = jax.nn.log_softmax(logits).reshape(b, w, v) + live_logp[:, :, None]
         top_logp, top_idx = jax.lax.top_k(logp.reshape(b, w * v), 2 * w)  # [B, 2W]
@@ -269,8 +221,7 @@ def beam_search(module: Transformer, params, cache, encoded, encoder_input_token
         src = _gather_beams(top_beams, keep)  # [B, W] beam each new live beam extends
         flat_src = (jnp.arange(b)[:, None] * w + src).reshape(bw)
         cache = jax.tree_util.tree_map_with_path(
-            lambda p, x: jnp.take(x, flat_src, axis=0) if _is_self_cache(p) else x, cache,
-            is_leaf=_is_halves)
+            lambda p, x: jnp.take(x, flat_src, axis=0) if _is_self_cache(p) else x, cache)
 
         scores = top_logp / brevity_penalty(alpha, (i + 1).astype(jnp.float32))
         scores = scores + (~new_fin) * NEG_INF
@@ -292,7 +243,7 @@ def beam_search(module: Transformer, params, cache, encoded, encoder_input_token
     any_fin = jnp.any(fin_flags, axis=1)  # [B]
     seqs = jnp.where(any_fin[:, None, None], fin_seqs, live_seqs)[:, :, 1:]
     scores = jnp.where(any_fin[:, None], fin_scores, live_logp)
-    return LoopResult(seqs, scores, steps, _join(cache, 0))
+    return LoopResult(seqs, scores, steps, cache)
 
 
 @jax.jit

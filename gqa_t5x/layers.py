@@ -34,20 +34,6 @@ RELPOS_BUCKETS = "relpos_buckets"
 BATCH = "batch"
 LENGTH = "length"
 
-# DenseJoined computes x @ kernel as two independent column halves when x has at most
-# SPLIT_MAX_ROWS rows and the kernel at least SPLIT_MIN_KERNEL elements (decode steps), and a
-# decode step's cross-attention runs on two batch halves when the batch is at most
-# SPLIT_MAX_ROWS; setting it to 0 turns both off (read at trace time).
-SPLIT_MAX_ROWS = 64
-SPLIT_MIN_KERNEL = 1 << 18
-
-
-def splits_kernel(rows: int, kernel_shape) -> bool:
-    """Whether DenseJoined multiplies `rows` input rows by this kernel as two column halves."""
-    return (rows <= SPLIT_MAX_ROWS and math.prod(kernel_shape) >= SPLIT_MIN_KERNEL
-            and kernel_shape[-1] % 2 == 0)
-
-
 # T5 initializers (t5x/examples/t5): queries get an extra 1/sqrt(head_dim), which replaces the
 # logit scaling that T5 does not do.
 default_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
@@ -91,17 +77,8 @@ class DenseJoined(nn.Module):
     def __call__(self, x):
         kernel = param_with_axes("kernel", self.kernel_init, (x.shape[-1], self.features),
                                  jnp.float32, axes=self.kernel_axes)
-        x = jnp.asarray(x, self.dtype)
-        kernel = jnp.asarray(kernel, self.dtype)
-        if not splits_kernel(math.prod(x.shape[:-1]), kernel.shape):
-            return jnp.einsum("...i,io->...o", x, kernel)
-        # A decode step multiplies a few rows by a large kernel. XLA's CPU runtime runs such a
-        # dot on one core, at a fraction of the memory bandwidth, but independent dots
-        # concurrently: two column halves. Same products, same sums. `decoding` passes the
-        # kernel as a concatenation of two buffers, so the slices cost no copy.
-        half = self.features // 2
-        return jnp.concatenate([jnp.einsum("...i,io->...o", x, kernel[:, :half]),
-                                jnp.einsum("...i,io->...o", x, kernel[:, half:])], axis=-1)
+        return jnp.einsum("...i,io->...o", jnp.asarray(x, self.dtype),
+                          jnp.asarray(kernel, self.dtype))
 
 
 class GatedGeluMlp(nn.Module):
