@@ -297,9 +297,13 @@ def evaluate(model_dir: str = gin.REQUIRED, *, settings: EvalSettings = gin.REQU
 def infer(output_path: str = gin.REQUIRED, *, settings: EvalSettings = gin.REQUIRED,
           checkpoint_path: str | None = None, model_dir: str | None = None,
           model: models.EncoderDecoderModel | None = None,
-          model_parallel: int = 1) -> str:
+          model_parallel: int = 1, force: bool = False) -> str:
     """Decodes the examples of `settings`' task and split and writes JSONL records
-    {"index", "task", "inputs", "targets", "prediction", "score"} to `output_path`."""
+    {"index", "task", "inputs", "targets", "prediction", "score"} to `output_path`; an existing
+    file is replaced only with `force` (FORCE=True)."""
+    if os.path.exists(output_path) and not force:
+        raise FileExistsError(f"infer: {output_path} exists (INFER_OUTPUT_PATH); set FORCE=True "
+                              "to replace it")
     if settings.mixture_or_task_name is None or settings.feature_lengths is None:
         raise ValueError("infer: settings need mixture_or_task_name (MIXTURE_OR_TASK_NAME) "
                          "and feature_lengths (TASK_FEATURE_LENGTHS)")

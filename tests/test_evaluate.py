@@ -82,6 +82,10 @@ def test_infer_writes_one_record_per_example(trained, tmp_path):
         want_inputs = [int(i) for i in ex["encoder_input_tokens"] if i > 1]
         assert r["inputs"] == want_inputs and r["task"] == TASK
         assert isinstance(r["prediction"], list) and isinstance(r["score"], float)
+    with pytest.raises(FileExistsError, match="preds.jsonl exists .*FORCE=True"):
+        evaluate.infer(str(out), checkpoint_path=str(trained / "checkpoint_20"),
+                       settings=evaluate.EvalSettings(mixture_or_task_name=TASK,
+                                                      feature_lengths=toy_tasks.LENGTHS))
 
 
 def test_eval_errors(trained, tmp_path):
