@@ -36,10 +36,12 @@ LOSS_NORMALIZING_FACTORS = ("NUM_REAL_TARGET_TOKENS", "NUM_TOTAL_TARGET_TOKENS")
 def model_config(preset: str = "tiny", **overrides: Any) -> config_lib.TransformerConfig:
     """The TransformerConfig of preset `preset` with field overrides: what the gin files bind.
 
-    `num_kv_heads=None` keeps the preset's (multi-head) value; `grouped` may be a list.
+    `num_kv_heads=None` means multi-head: as many kv heads as query heads (the preset's or the
+    `num_heads` override); `grouped` may be a list.
     """
     if overrides.get("num_kv_heads", 0) is None:
-        del overrides["num_kv_heads"]
+        heads = overrides.get("num_heads", config_lib.get_config(preset).num_heads)
+        overrides["num_kv_heads"] = heads
     if "grouped" in overrides:
         overrides["grouped"] = tuple(overrides["grouped"])
     return config_lib.get_config(preset, **overrides)

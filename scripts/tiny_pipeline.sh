@@ -11,6 +11,7 @@ OUT=${1:-out/tiny_pipeline}
 PRETRAIN_STEPS=${PRETRAIN_STEPS:-400}
 UPTRAIN_FRACTION=${UPTRAIN_FRACTION:-0.1}
 FINETUNE_STEPS=${FINETUNE_STEPS:-600}
+KV_HEADS=${KV_HEADS:-8 2 1}  # 8 = MHA (no conversion)
 if [ -e "$OUT" ]; then
   if [ "${FORCE:-0}" != 1 ]; then
     echo "$OUT exists; set FORCE=1 to replace it" >&2
@@ -40,7 +41,7 @@ gqa-train "${MODEL[@]}" --gin_file=attention/mha.gin --gin_file=runs/pretrain.gi
   --gin.MODEL_DIR="'$OUT/pretrain'" --gin.TRAIN_STEPS="$PRETRAIN_STEPS" \
   --gin.CHECKPOINT_EVERY="$PRETRAIN_STEPS"
 
-for kv in 8 2 1; do
+for kv in $KV_HEADS; do
   case $kv in 8) name=mha; attention=mha.gin ;; 1) name=mqa; attention=mqa.gin ;;
               *) name=gqa$kv; attention=gqa8.gin ;; esac
   start="$OUT/pretrain"

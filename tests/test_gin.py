@@ -87,6 +87,13 @@ def test_num_kv_heads_macro_overrides():
     assert models.model_config().num_kv_heads == 4
 
 
+def test_mha_gin_follows_an_overridden_head_count():
+    run_cli.parse_gin(["models/tiny.gin", "attention/mha.gin"],
+                      bindings=["gqa_t5x.models.model_config.num_heads=8"])
+    config = models.model_config()
+    assert (config.num_heads, config.num_kv_heads) == (8, 8)
+
+
 def test_pretrain_recipe_bindings():
     run_cli.parse_gin(["models/tiny.gin", "attention/mha.gin", "runs/pretrain.gin"],
                       bindings=["MODEL_DIR='/tmp/m'", "TRAIN_STEPS=77", "BATCH_SIZE=16"])
