@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gqa_t5x import decoding
+from gqa_t5x import decoding, hf_mapping
 from gqa_t5x.config import TransformerConfig
 from gqa_t5x.network import Transformer
 
@@ -265,15 +265,7 @@ def time_hf(config: TransformerConfig, tokens: np.ndarray, settings: BenchmarkSe
 
     torch.set_flush_denormal(True)
     torch.manual_seed(settings.seed)
-    hf_config = transformers.T5Config(
-        vocab_size=config.vocab_size, d_model=config.emb_dim, d_kv=config.head_dim,
-        d_ff=config.mlp_dim, num_layers=config.num_encoder_layers,
-        num_decoder_layers=config.num_decoder_layers, num_heads=config.num_heads,
-        relative_attention_num_buckets=config.relative_attention_num_buckets,
-        relative_attention_max_distance=config.relative_attention_max_distance,
-        dropout_rate=0.0, layer_norm_epsilon=config.layer_norm_epsilon,
-        feed_forward_proj="gated-gelu", tie_word_embeddings=False,
-        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    hf_config = transformers.T5Config(**hf_mapping.hf_t5_config_dict(config))
     model = transformers.T5ForConditionalGeneration(hf_config).eval()
     ids = torch.from_numpy(np.asarray(tokens, np.int64))
     mask = torch.ones_like(ids)

@@ -42,6 +42,20 @@ def _get(hf_config: Any, name: str, default: Any = None) -> Any:
     return getattr(hf_config, name, default)
 
 
+def hf_t5_config_dict(config: TransformerConfig) -> dict[str, Any]:
+    """The keyword arguments of a transformers `T5Config` for `config` (multi-head, untied,
+    gated-GELU, no dropout), the inverse of `config_from_hf_t5` for K == N."""
+    return dict(
+        vocab_size=config.vocab_size, d_model=config.emb_dim, d_kv=config.head_dim,
+        d_ff=config.mlp_dim, num_layers=config.num_encoder_layers,
+        num_decoder_layers=config.num_decoder_layers, num_heads=config.num_heads,
+        relative_attention_num_buckets=config.relative_attention_num_buckets,
+        relative_attention_max_distance=config.relative_attention_max_distance,
+        layer_norm_epsilon=config.layer_norm_epsilon, feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False, dropout_rate=0.0,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+
+
 def config_from_hf_t5(hf_config: Any, **overrides: Any) -> TransformerConfig:
     """`TransformerConfig` of a Hugging Face T5.1.1 model (a `T5Config` or its dict).
 

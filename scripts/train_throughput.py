@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gqa_t5x import models, optim, partitioning, train, train_state
+from gqa_t5x import hf_mapping, models, optim, partitioning, train, train_state
 from gqa_t5x.config import TransformerConfig, get_config
 
 T5X_REFERENCE_TOKENS_PER_SEC = 643.0
@@ -77,13 +77,7 @@ def time_torch(config, batch, inputs, targets, steps: int, optimizer: str) -> fl
 
     torch.set_flush_denormal(True)
     torch.manual_seed(0)
-    hf = T5Config(vocab_size=config.vocab_size, d_model=config.emb_dim, d_kv=config.head_dim,
-                  d_ff=config.mlp_dim, num_layers=config.num_encoder_layers,
-                  num_decoder_layers=config.num_decoder_layers, num_heads=config.num_heads,
-                  relative_attention_num_buckets=config.relative_attention_num_buckets,
-                  relative_attention_max_distance=config.relative_attention_max_distance,
-                  feed_forward_proj="gated-gelu", dropout_rate=0.0, tie_word_embeddings=False,
-                  decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    hf = T5Config(**hf_mapping.hf_t5_config_dict(config))
     model = T5ForConditionalGeneration(hf)
     model.train()
     if optimizer == "adafactor":

@@ -96,13 +96,7 @@ def write_hf(directory, config, fmt):
     import torch
     import transformers
 
-    hf_config = transformers.T5Config(
-        vocab_size=config.vocab_size, d_model=config.emb_dim, d_kv=config.head_dim,
-        d_ff=config.mlp_dim, num_layers=config.num_encoder_layers,
-        num_decoder_layers=config.num_decoder_layers, num_heads=config.num_heads,
-        relative_attention_num_buckets=config.relative_attention_num_buckets,
-        relative_attention_max_distance=config.relative_attention_max_distance,
-        feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0)
+    hf_config = transformers.T5Config(**hf_mapping.hf_t5_config_dict(config))
     torch.manual_seed(0)
     model = transformers.T5ForConditionalGeneration(hf_config)
     if fmt == "bin":
