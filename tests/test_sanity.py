@@ -89,3 +89,39 @@ def test_run_task_trains_evaluates_and_tabulates(tiny_tasks, tmp_path):
         sanity.run_task("q", str(tmp_path / "q"))
     with pytest.raises(ValueError, match="needs its own task prefix"):
         sanity.run_task("qa", str(tmp_path / "q"), config=TINY)
+
+
+def test_teacher_forced_metrics_against_numpy(tiny_tasks):
+    """Per-token cross-entropy and argmax accuracy over the validation targets, recomputed in
+    numpy from the network's logits (not through the model's loss code)."""
+    import jax
+    import seqio
+
+    from gqa_t5x import models
+
+    name = "test_sanity_qa"
+    vocab_size = tiny_tasks[name].output_features["targets"].vocabulary.vocab_size
+    model = models.build_model(models.model_config(
+        "tiny", vocab_size=-(-vocab_size // 128) * 128, emb_dim=32, num_heads=4, num_kv_heads=2,
+        head_dim=8, mlp_dim=64, num_encoder_layers=1, num_decoder_layers=1, dropout_rate=0.0))
+    params = model.get_initial_variables(
+        jax.random.PRNGKey(0), {"encoder_input_tokens": (1, 8),
+                                "decoder_input_tokens": (1, 8)})["params"]
+    got = sanity.teacher_forced_metrics(model, params, name, QA_LENGTHS, num_examples=7,
+                                        batch_size=4)
+
+    ds = tiny_tasks[name].get_dataset(QA_LENGTHS, split="validation", shuffle=False, seed=0,
+                                      use_cached=False).take(7)
+    batch = next(seqio.EncDecFeatureConverter(pack=False)(ds, QA_LENGTHS).batch(7)
+                 .as_numpy_iterator())
+    logits = np.asarray(model.module.apply(
+        {"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
+        batch["decoder_target_tokens"], enable_dropout=False), np.float64)
+    targets = batch["decoder_target_tokens"]
+    mask = targets > 0
+    log_p = logits - logits.max(-1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(log_p, targets[..., None], -1)[..., 0]
+    assert mask.sum() > 7
+    assert got["loss"] == pytest.approx(nll[mask].mean(), rel=1e-5)
+    assert got["token_accuracy"] == pytest.approx((logits.argmax(-1) == targets)[mask].mean())
