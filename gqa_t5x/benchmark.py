@@ -191,6 +191,26 @@ def measure_matmul_rate(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / _median_time(lambda: matmul(a, a), repeats)
 
 
+def measure_logits_step(config: TransformerConfig, batch: int, steps: int = 64,
+                        repeats: int = 3) -> float:
+    """Seconds per decode step of the logits projection alone: [batch, emb] x [emb, vocab] in a
+    jitted loop of `steps` dependent iterations (each feeds a slice of its output back, so that
+    nothing is hoisted). The bytes model charges it only its weight bytes; at small batch on CPU it
+    runs below bandwidth, which this figure shows beside the per-step times."""
+    dtype = jnp.dtype(config.dtype)
+    x = jnp.ones((batch, config.emb_dim), dtype)
+    w = jax.random.normal(jax.random.PRNGKey(0), (config.emb_dim, config.vocab_size), dtype)
+
+    @jax.jit
+    def loop(x, w):
+        def body(_, h):  # h: [B, E]
+            logits = h @ w  # [B, V]
+            return h + 1e-6 * logits[:, :config.emb_dim]
+        return jax.lax.fori_loop(0, steps, body, x)
+
+    return _median_time(lambda: loop(x, w), repeats) / steps
+
+
 # ---- timing our decoder -------------------------------------------------------------------------
 
 
@@ -332,7 +352,9 @@ def _run(config: TransformerConfig, settings: BenchmarkSettings, groups: list[in
     log("measuring memory bandwidth and matmul rate ...")
     bandwidth = measure_bandwidth()
     flops_rate = measure_matmul_rate()
-    log(f"  bandwidth {bandwidth / 1e9:.1f} GB/s, matmul {flops_rate / 1e9:.1f} GFLOP/s")
+    logits_s = measure_logits_step(config, settings.batch_size)
+    log(f"  bandwidth {bandwidth / 1e9:.1f} GB/s, matmul {flops_rate / 1e9:.1f} GFLOP/s, "
+        f"logits projection {logits_s * 1e3:.1f} ms/step")
     tokens = random_inputs(config.vocab_size, settings.batch_size, settings.input_length,
                            settings.seed)
 
@@ -369,6 +391,7 @@ def _run(config: TransformerConfig, settings: BenchmarkSettings, groups: list[in
         "settings": {**dataclasses.asdict(settings), "groups": groups},
         "bandwidth_bytes_per_s": bandwidth,
         "matmul_flops_per_s": flops_rate,
+        "logits_step_s": logits_s,
         "jax_version": jax.__version__,
         "devices": [str(d) for d in jax.devices()],
         "rows": rows,
@@ -395,6 +418,11 @@ def format_table(results: dict) -> str:
     bw = results["bandwidth_bytes_per_s"] / 1e9
     rate = results["matmul_flops_per_s"] / 1e9
     lines.append(f"bandwidth {bw:.1f} GB/s, matmul {rate:.1f} GFLOP/s")
+    if "logits_step_s" in results:
+        cfg = results["config"]
+        weight_bytes = cfg["emb_dim"] * cfg["vocab_size"] * jnp.dtype(cfg["dtype"]).itemsize
+        lines.append(f"logits projection alone {results['logits_step_s'] * 1e3:.1f} ms/step "
+                     f"(bytes model {weight_bytes / results['bandwidth_bytes_per_s'] * 1e3:.1f})")
     return "\n".join(lines)
 
 

@@ -96,6 +96,10 @@ def test_cli_end_to_end(tmp_path, capsys):
             1e3 * expected_step / results["bandwidth_bytes_per_s"])
         assert measured["sample_s"] == pytest.approx(
             (measured["encoder_s"] + measured["cache_init_s"] + measured["decode_s"]) / 2)
+    assert results["logits_step_s"] > 0
+    logits_ms = 1e3 * tiny.emb_dim * tiny.vocab_size * 4 / results["bandwidth_bytes_per_s"]
+    assert (f"logits projection alone {1e3 * results['logits_step_s']:.1f} ms/step "
+            f"(bytes model {logits_ms:.1f})") in table
     # Results are not overwritten without --force.
     assert bench_cli.main(argv) == 2
     assert "exists" in capsys.readouterr().err
