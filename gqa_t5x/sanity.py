@@ -11,7 +11,9 @@ metric functions:
 | summarize       | ROUGE-1                                | copy, lead (and title_subject, a  |
 |                 |                                        | heuristic that knows the format)  |
 | translate       | BLEU                                   | copy                              |
-| qa              | EM (and F1)                            | attribute, entity                 |
+| qa              | EM (and F1)                            | entity: the first fact's value    |
+|                 |                                        | (and attribute, the answer by a   |
+|                 |                                        | heuristic that knows the format)  |
 | span_corruption | teacher-forced token accuracy and loss | unigram distribution of train     |
 |                 |                                        | targets (its argmax, its entropy) |
 
@@ -39,7 +41,7 @@ from gqa_t5x import synthetic as syn
 _TASK_METRICS = {
     "summarize": ("rouge1", ("copy", "lead"), ("title_subject",)),
     "translate": ("bleu", ("copy",), ()),
-    "qa": ("em", ("attribute", "entity"), ()),
+    "qa": ("em", ("entity",), ("attribute",)),
     "span_corruption": ("token_accuracy", ("unigram",), ()),
 }
 

@@ -294,8 +294,9 @@ def qa_example(lang: Language, rng: random.Random, num_entities: int, num_attrib
     """`question: E attr? context: facts...` -> the value of attribute `attr` of entity `E`.
 
     The context holds a full grid of facts: each of `num_entities` entities has a value for each
-    of the same `num_attributes` attributes, shuffled (with `num_clauses` clauses mixed in), so
-    that neither the entity nor the attribute alone identifies the answer.
+    of the same `num_attributes` attributes, shuffled (with `num_clauses` clauses mixed in). With
+    one entity the attribute is the key; with several, neither the entity nor the attribute
+    alone identifies the answer.
     """
     if num_entities > len(lang.entities) or num_attributes > lang.config.num_attributes:
         raise ValueError(f"qa needs num_entities={num_entities} <= {len(lang.entities)} and "

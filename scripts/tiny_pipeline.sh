@@ -32,7 +32,7 @@ SPAN=(--gin.MIXTURE_OR_TASK_NAME="'synthetic_span_corruption'"
       --gin.TASK_FEATURE_LENGTHS="{'inputs': 256, 'targets': 64}" --gin.BATCH_SIZE=32
       --gin.WARMUP_STEPS=100 --gin.LOG_EVERY=50)
 QA=(--gin.MIXTURE_OR_TASK_NAME="'synthetic_qa'"
-    --gin.TASK_FEATURE_LENGTHS="{'inputs': 80, 'targets': 8}")
+    --gin.TASK_FEATURE_LENGTHS="{'inputs': 128, 'targets': 8}")
 
 stage() { echo; echo "== $* ($(date +%T))"; }
 

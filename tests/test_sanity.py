@@ -17,7 +17,7 @@ TINY = syn.SuiteConfig(
                                num_relations=3, num_nouns=40, num_verbs=20, num_adjectives=20,
                                num_prepositions=3),
     seed=7, doc_entities=3, doc_facts_per_entity=(1, 2), doc_clauses=3, qa_entities=3,
-    qa_attributes=2, vocab_size=300, vocab_training_docs=150,
+    qa_attributes=2, qa_clauses=0, vocab_size=300, vocab_training_docs=150,
     num_examples={"train": 300, "validation": 30, "test": 30})
 QA_LENGTHS = {"inputs": 96, "targets": 8}
 
@@ -80,7 +80,9 @@ def test_run_task_trains_evaluates_and_tabulates(tiny_tasks, tmp_path):
                              config=TINY, prefix="test_sanity")
     assert result.steps == 4 and result.metric == "em"
     assert 0.0 <= result.model <= 100.0
-    assert result.baselines == pytest.approx(sanity.text_baselines("qa", 8, TINY))
+    scored = sanity.text_baselines("qa", 8, TINY)
+    assert result.baselines == pytest.approx({"entity": scored["entity"]})
+    assert result.heuristics == pytest.approx({"attribute": scored["attribute"]})
     assert math.isfinite(result.details["first_train_loss"])
     assert (tmp_path / "qa" / "checkpoint_4").is_dir()
     table = sanity.sanity_table([result], 8)

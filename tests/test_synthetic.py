@@ -17,7 +17,7 @@ TINY_LANGUAGE = sl.LanguageConfig(
     num_nouns=40, num_verbs=20, num_adjectives=20, num_prepositions=3)
 TINY = syn.SuiteConfig(
     language=TINY_LANGUAGE, seed=7, doc_entities=3, doc_facts_per_entity=(1, 2), doc_clauses=3,
-    qa_entities=3, qa_attributes=2, vocab_size=300, vocab_training_docs=150,
+    qa_entities=3, qa_attributes=2, qa_clauses=0, vocab_size=300, vocab_training_docs=150,
     num_examples={"train": 300, "validation": 30, "test": 30})
 # So few words that clauses repeat: the checks below cannot pass by the luck of unique inputs.
 REPETITIVE = syn.SuiteConfig(
@@ -277,3 +277,19 @@ def test_bad_arguments_raise():
     bad = syn.SuiteConfig(language=TINY_LANGUAGE, qa_entities=100)
     with pytest.raises(ValueError, match="num_entities=100"):
         syn.generate_examples("qa", "train", 1, config=bad)
+
+
+def test_default_qa_is_one_entity_profile_with_filler_clauses():
+    config = syn.DEFAULT_CONFIG
+    lang = sl.get_language(config.language)
+    attribute_words = set(lang.attributes)
+    for ex in syn.generate_examples("qa", "validation", 20):
+        question, context = ex["inputs"].removeprefix("question: ").split(" context: ")
+        entity, attribute = question.rstrip("?").split()
+        sentences = [s.split() for s in context.rstrip(".").split(". ")]
+        facts = [s for s in sentences if len(s) == 3 and s[1] in attribute_words]
+        assert len(facts) == config.qa_attributes
+        assert len(sentences) == config.qa_attributes + config.qa_clauses
+        assert {f[0] for f in facts} == {entity}
+        assert len({f[1] for f in facts}) == config.qa_attributes  # each attribute once
+        assert [f[2] for f in facts if f[1] == attribute] == [ex["targets"]]
