@@ -46,8 +46,9 @@ TASKS = ("span_corruption", "summarize", "translate", "qa")
 _FORMAT_VERSION = 1  # bump when generation changes, so that cached vocabularies are retrained
 
 # Lengths in tokens that hold (nearly) every example of the default config without truncation
-# (summarize: inputs at most ~110, targets at most ~16; qa: inputs at most ~100). Span corruption packs documents into
-# inputs of 128 tokens, which need targets of 29 (`span_corruption.targets_length_for(128)`).
+# (summarize: inputs at most ~110, targets at most ~16; qa: inputs at most ~100). Span
+# corruption packs documents into inputs of 128 tokens, which need targets of 29
+# (`span_corruption.targets_length_for(128)`).
 SYNTHETIC_FEATURE_LENGTHS = {
     "synthetic_span_corruption": {"inputs": 128, "targets": 32},
     "synthetic_summarize": {"inputs": 128, "targets": 24},
