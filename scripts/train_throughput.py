@@ -9,6 +9,7 @@ shapes (with its Adafactor step) in the same process. Tokens count inputs and ta
 
   python scripts/train_throughput.py                  # both configs, jax and torch
   python scripts/train_throughput.py --configs=small --steps=5 --no-torch
+  python scripts/train_throughput.py --configs=small --t5x   # also t5x, where it is installed
 
 Reference figures on the development machine (2 CPU cores), small width: t5x with its example
 network and Adafactor 7.96 s/step (643 tokens/s); flaxformer 5.11 s; transformers' PyTorch T5
@@ -70,6 +71,49 @@ def time_jax(config, batch, inputs, targets, steps: int) -> float:
     return float(np.median(times))
 
 
+def time_t5x(config, batch, inputs, targets, steps: int) -> float:
+    """Seconds per train step of t5x's EncoderDecoderModel around its T5.1.1 example network
+    (one-hot embedding) with t5x's Adafactor: loss, gradients, `apply_gradient`. Needs t5x
+    importable (it is not on PyPI)."""
+    import seqio  # noqa: PLC0415
+    from t5x import adafactor  # noqa: PLC0415
+    from t5x import models as t5x_models  # noqa: PLC0415
+    from t5x import train_state as t5x_train_state  # noqa: PLC0415
+    from t5x.examples.t5 import network as t5x_network  # noqa: PLC0415
+
+    module = t5x_network.Transformer(t5x_network.T5Config(
+        vocab_size=config.vocab_size, dtype=jnp.float32, emb_dim=config.emb_dim,
+        num_heads=config.num_heads, num_encoder_layers=config.num_encoder_layers,
+        num_decoder_layers=config.num_decoder_layers, head_dim=config.head_dim,
+        mlp_dim=config.mlp_dim, mlp_activations=("gelu", "linear"), dropout_rate=0.0,
+        logits_via_embedding=False))
+    vocabulary = seqio.PassThroughVocabulary(size=config.vocab_size)
+    optimizer = adafactor.Adafactor(
+        decay_rate=0.8, step_offset=0,
+        logical_factor_rules=adafactor.standard_logical_factor_rules())
+    model = t5x_models.EncoderDecoderModel(module, vocabulary, vocabulary, optimizer)
+    shapes = {"encoder_input_tokens": (batch, inputs), "decoder_input_tokens": (batch, targets)}
+    variables = model.get_initial_variables(jax.random.PRNGKey(0), shapes)
+    state = t5x_train_state.FlaxOptimTrainState.create(optimizer, variables)
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def step(state, batch):
+        (loss, _), grads = jax.value_and_grad(model.loss_fn, has_aux=True)(
+            state.params, batch, None)
+        return state.apply_gradient(grads, learning_rate=1e-2), loss
+
+    data = {k: jnp.asarray(v) for k, v in _batch(config, batch, inputs, targets).items()}
+    state, loss = step(state, data)  # compile
+    jax.block_until_ready(loss)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        state, loss = step(state, data)
+        jax.block_until_ready((state, loss))
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
 def time_torch(config, batch, inputs, targets, steps: int, optimizer: str) -> float:
     """Seconds per step of transformers' T5ForConditionalGeneration (loss, backward, update)."""
     import torch  # noqa: PLC0415
@@ -112,6 +156,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="timed steps after warm-up")
     parser.add_argument("--no-torch", dest="torch", action="store_false")
     parser.add_argument("--torch_optimizer", default="adafactor", choices=("adafactor", "adamw"))
+    parser.add_argument("--t5x", action="store_true",
+                        help="also time t5x's example T5.1.1 network (t5x must be importable)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
     results = []
@@ -126,6 +172,10 @@ def main(argv=None) -> int:
                                                  args.torch_optimizer)
             row["torch_tokens_per_sec"] = tokens / row["torch_s_per_step"]
             row["ratio_vs_torch"] = row["jax_tokens_per_sec"] / row["torch_tokens_per_sec"]
+        if args.t5x:
+            row["t5x_s_per_step"] = time_t5x(config, batch, inputs, targets, args.steps)
+            row["t5x_tokens_per_sec"] = tokens / row["t5x_s_per_step"]
+            row["ratio_vs_t5x"] = row["jax_tokens_per_sec"] / row["t5x_tokens_per_sec"]
         if name == "small":
             row["ratio_vs_t5x_reference"] = row["jax_tokens_per_sec"] / \
                 T5X_REFERENCE_TOKENS_PER_SEC
@@ -136,6 +186,10 @@ def main(argv=None) -> int:
             line += (f" | torch T5 {row['torch_s_per_step']:.3f} s/step "
                      f"{row['torch_tokens_per_sec']:,.0f} tokens/s | ratio "
                      f"{row['ratio_vs_torch']:.2f}x")
+        if args.t5x:
+            line += (f" | t5x {row['t5x_s_per_step']:.3f} s/step "
+                     f"{row['t5x_tokens_per_sec']:,.0f} tokens/s | ratio "
+                     f"{row['ratio_vs_t5x']:.2f}x")
         if "ratio_vs_t5x_reference" in row:
             line += f" | vs t5x reference {row['ratio_vs_t5x_reference']:.2f}x"
         print(line, flush=True)
