@@ -59,7 +59,7 @@ for kv in $KV_HEADS; do
   gqa-train "${MODEL[@]}" --gin_file=attention/$attention --gin.NUM_KV_HEADS="$kv" \
     --gin_file=runs/finetune.gin "${QA[@]}" --gin.MODEL_DIR="'$OUT/$name-finetune'" \
     --gin.INITIAL_CHECKPOINT_PATH="'$OUT/$name-uptrain'" --gin.TRAIN_STEPS="$FINETUNE_STEPS" \
-    --gin.BATCH_SIZE=32 --gin.LEARNING_RATE=0.003 --gin.DROPOUT_RATE=0.0 \
+    --gin.BATCH_SIZE=32 --gin.LEARNING_RATE=0.01 --gin.DROPOUT_RATE=0.0 \
     --gin.EVAL_EVERY="$FINETUNE_STEPS" --gin.EVAL_BATCH_SIZE=100 --gin.EVAL_NUM_EXAMPLES=200 \
     --gin.BEST_METRIC="'synthetic_qa/em'" --gin.LOG_EVERY=100
   stage "evaluate $name"
