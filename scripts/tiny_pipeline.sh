@@ -10,7 +10,7 @@ set -euo pipefail
 OUT=${1:-out/tiny_pipeline}
 PRETRAIN_STEPS=${PRETRAIN_STEPS:-400}
 UPTRAIN_FRACTION=${UPTRAIN_FRACTION:-0.1}
-FINETUNE_STEPS=${FINETUNE_STEPS:-600}
+FINETUNE_STEPS=${FINETUNE_STEPS:-1200}
 KV_HEADS=${KV_HEADS:-8 2 1}  # 8 = MHA (no conversion)
 if [ -e "$OUT" ]; then
   if [ "${FORCE:-0}" != 1 ]; then
