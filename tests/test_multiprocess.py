@@ -80,6 +80,9 @@ def _run_two_processes(model_dir, steps):
     return outs
 
 
+train_dataset = train.train_dataset  # the original, kept before the test patches it
+
+
 def _sharded_batches(name, feature_lengths, batch_size, *, skip_examples, **kw):
     """What the two processes feed together: shard 0's rows then shard 1's, each process reading
     `batch_size` rows of its shard and skipping its own share of the examples seen."""
@@ -90,9 +93,6 @@ def _sharded_batches(name, feature_lengths, batch_size, *, skip_examples, **kw):
                for i in range(2)]
     for parts in zip(*streams):
         yield {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-
-train_dataset = train.train_dataset
 
 
 @pytest.mark.slow
