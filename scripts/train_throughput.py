@@ -50,6 +50,20 @@ def _batch(config: TransformerConfig, batch: int, inputs: int, targets: int, see
             "decoder_target_tokens": tgt, "decoder_loss_weights": np.ones_like(tgt)}
 
 
+def _median_step_seconds(step, state, data, steps: int) -> float:
+    """Median seconds of `steps` calls of `step(state, data) -> (state, aux)` after a compiling
+    call, threading the state through."""
+    state, aux = step(state, data)  # compile
+    jax.block_until_ready(aux)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        state, aux = step(state, data)
+        jax.block_until_ready((state, aux))
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
 def time_jax(config, batch, inputs, targets, steps: int) -> float:
     """Seconds per train step after compilation (median of `steps`)."""
     model = models.build_model(config)
@@ -60,15 +74,7 @@ def time_jax(config, batch, inputs, targets, steps: int) -> float:
     step = jax.jit(functools.partial(train.train_step, model, tx, optim.rsqrt_schedule(),
                                      jax.random.PRNGKey(1)), donate_argnums=0)
     data = {k: jnp.asarray(v) for k, v in _batch(config, batch, inputs, targets).items()}
-    state, m = step(state, data)  # compile
-    jax.block_until_ready(m)
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        state, m = step(state, data)
-        jax.block_until_ready((state, m))
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+    return _median_step_seconds(step, state, data, steps)
 
 
 def time_t5x(config, batch, inputs, targets, steps: int) -> float:
@@ -103,15 +109,7 @@ def time_t5x(config, batch, inputs, targets, steps: int) -> float:
         return state.apply_gradient(grads, learning_rate=1e-2), loss
 
     data = {k: jnp.asarray(v) for k, v in _batch(config, batch, inputs, targets).items()}
-    state, loss = step(state, data)  # compile
-    jax.block_until_ready(loss)
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        state, loss = step(state, data)
-        jax.block_until_ready((state, loss))
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+    return _median_step_seconds(step, state, data, steps)
 
 
 def time_torch(config, batch, inputs, targets, steps: int, optimizer: str) -> float:
