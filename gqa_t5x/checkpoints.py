@@ -196,22 +196,26 @@ class RunCheckpointReader(OrbaxTreeReader):
         self.step = int(read_json(os.path.join(directory, "run", "metadata"))["step"])
 
 
-def _is_run_step(path: str) -> bool:
+def is_run_checkpoint(path: str) -> bool:
+    """Whether `path` is a complete `checkpoint_<step>` folder of a training run."""
     return all(os.path.isfile(os.path.join(path, item, "metadata")) for item in ("config", "run")
                ) and os.path.isdir(os.path.join(path, "state"))
+
+
+def latest_run_checkpoint(model_dir: str) -> str | None:
+    """The newest complete `checkpoint_<step>` folder under a run's MODEL_DIR, or None."""
+    if not os.path.isdir(model_dir):
+        return None
+    steps = [(int(m.group(1)), os.path.join(model_dir, n)) for n in os.listdir(model_dir)
+             if (m := _STEP_DIR.fullmatch(n)) and is_run_checkpoint(os.path.join(model_dir, n))]
+    return max(steps)[1] if steps else None
 
 
 def resolve_run_checkpoint(path: str) -> str | None:
     """The `checkpoint_<step>` folder of a training run given it or the run's MODEL_DIR (the
     newest complete step); None if `path` is neither."""
     path = os.path.normpath(path)
-    if not os.path.isdir(path):
-        return None
-    if _is_run_step(path):
-        return path
-    steps = [(int(m.group(1)), os.path.join(path, n)) for n in os.listdir(path)
-             if (m := _STEP_DIR.fullmatch(n)) and _is_run_step(os.path.join(path, n))]
-    return max(steps)[1] if steps else None
+    return path if is_run_checkpoint(path) else latest_run_checkpoint(path)
 
 
 def load_checkpoint(directory: str) -> tuple[dict[str, Any], TransformerConfig]:

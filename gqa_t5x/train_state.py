@@ -22,7 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from gqa_t5x import partitioning
+from gqa_t5x import checkpoints, partitioning
 from gqa_t5x.config import TransformerConfig
 
 STEP_PREFIX = "checkpoint"
@@ -116,22 +116,14 @@ def step_dir(model_dir: str, step: int) -> str:
 
 
 def is_train_checkpoint(path: str) -> bool:
-    """Whether `path` is a `checkpoint_<step>` directory written by `save`."""
-    return os.path.isdir(os.path.join(path, "state")) and \
-        os.path.isdir(os.path.join(path, "config"))
+    """Whether `path` is a complete `checkpoint_<step>` directory written by `save`."""
+    return checkpoints.is_run_checkpoint(path)
 
 
 def latest_checkpoint_dir(model_dir: str) -> str | None:
     """The newest complete `checkpoint_<step>` under `model_dir`, or None."""
-    if not os.path.isdir(model_dir):
-        return None
-    steps = []
-    for name in os.listdir(model_dir):
-        prefix = f"{STEP_PREFIX}_"
-        if name.startswith(prefix) and name[len(prefix):].isdigit() and \
-                is_train_checkpoint(os.path.join(model_dir, name)):
-            steps.append(int(name[len(prefix):]))
-    return step_dir(model_dir, max(steps)) if steps else None
+    latest = checkpoints.latest_run_checkpoint(model_dir)
+    return os.path.abspath(latest) if latest is not None else None
 
 
 def read_train_checkpoint(path: str, shardings=None) -> tuple[Any, TransformerConfig, int]:
@@ -185,7 +177,7 @@ def read_params(path: str, shardings=None) -> tuple[Any, TransformerConfig | Non
     latest = latest_checkpoint_dir(path)
     if latest is not None:
         return read_train_checkpoint(latest, shardings)
-    from gqa_t5x import checkpoints, t5x_checkpoints  # noqa: PLC0415 - other formats
+    from gqa_t5x import t5x_checkpoints  # noqa: PLC0415 - other formats
 
     reader = checkpoints.open_checkpoint(path)
     shapes = reader.shapes()
