@@ -65,6 +65,33 @@ class RMSNorm(nn.Module):
         return jnp.asarray(y * scale, self.dtype)
 
 
+@jax.custom_vjp
+def dense(x, kernel):
+    """x [..., I] @ kernel [I, O] -> [..., O].
+
+    Its gradient is jax's own, written out so that the kernel's is one matmul over the flattened
+    tokens, dk = x^T g ("TI,TO->IO"). Left to autodiff, the kernel gradient is derived as
+    (g^T x)^T, and XLA's CPU backend then materializes g^T (a [O, tokens] copy of every MLP
+    gradient) before the matmul: with this form a T5.1.1-small-width train step is ~15% faster
+    on CPU (scripts/train_throughput.py); values are the same up to float rounding.
+    """
+    return jnp.einsum("...i,io->...o", x, kernel)
+
+
+def _dense_fwd(x, kernel):
+    return dense(x, kernel), (x, kernel)
+
+
+def _dense_bwd(residuals, g):
+    x, kernel = residuals  # [..., I], [I, O]; g [..., O]
+    dx = jnp.einsum("...o,io->...i", g, kernel)  # [..., I]
+    dk = jnp.einsum("ti,to->io", x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]))
+    return dx, dk.astype(kernel.dtype)
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
+
+
 class DenseJoined(nn.Module):
     """x @ kernel with a 2-D float32 kernel [in, out], the way t5x stores joined head kernels."""
 
@@ -77,8 +104,7 @@ class DenseJoined(nn.Module):
     def __call__(self, x):
         kernel = param_with_axes("kernel", self.kernel_init, (x.shape[-1], self.features),
                                  jnp.float32, axes=self.kernel_axes)
-        return jnp.einsum("...i,io->...o", jnp.asarray(x, self.dtype),
-                          jnp.asarray(kernel, self.dtype))
+        return dense(jnp.asarray(x, self.dtype), jnp.asarray(kernel, self.dtype))
 
 
 class GatedGeluMlp(nn.Module):

@@ -139,6 +139,42 @@ def test_logits_equal_hf_t5(name):
     assert error < 1e-4
 
 
+@pytest.mark.parametrize("name", list(HF_CONFIGS))
+def test_gradients_equal_hf_t5(name):
+    """The gradient of the mean token cross-entropy with respect to every parameter, against
+    torch autograd through HF's model (our dense layers write their backward pass by hand)."""
+    model = _hf_model(name)
+    config = hf_mapping.config_from_hf_t5(model.config)
+    params = hf_mapping.params_from_hf_t5(model.state_dict(), config)
+    enc, dec, tgt = _tokens(name, seed=3)
+    enc[0, enc.shape[1] // 3:] = 0  # a padded input
+
+    model.zero_grad()
+    out = model(input_ids=torch.tensor(enc), attention_mask=torch.tensor(enc > 0).long(),
+                decoder_input_ids=torch.tensor(dec), labels=torch.tensor(tgt))
+    out.loss.backward()
+    hf_grads = {k: p.grad.numpy() for k, p in model.named_parameters()}
+    hf_grads = hf_mapping.params_from_hf_t5(hf_grads, config)
+
+    module = Transformer(config)
+
+    def loss(p):
+        logits = module.apply({"params": p}, jnp.asarray(enc), jnp.asarray(dec),
+                              jnp.asarray(tgt), enable_dropout=False)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return -jnp.mean(jnp.take_along_axis(logp, jnp.asarray(tgt)[..., None], axis=-1))
+
+    value, grads = jax.jit(jax.value_and_grad(loss))(params)
+    np.testing.assert_allclose(float(value), out.loss.item(), rtol=1e-5)
+    flat_ours = dict(jax.tree_util.tree_flatten_with_path(grads)[0])
+    flat_hf = dict(jax.tree_util.tree_flatten_with_path(hf_grads)[0])
+    assert flat_ours.keys() == flat_hf.keys()
+    for path, reference in flat_hf.items():
+        assert np.abs(reference).max() > 0, path  # every parameter gets a gradient
+        error = _relative_error(np.asarray(flat_ours[path]), reference)
+        assert error < 1e-4, (jax.tree_util.keystr(path), error)
+
+
 def test_written_hf_state_dict_loads_into_hf():
     """params -> HF state dict -> a fresh HF model gives the logits of our model."""
     name = "B"
