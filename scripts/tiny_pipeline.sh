@@ -21,13 +21,16 @@ if [ -e "$OUT" ]; then
 fi
 mkdir -p "$OUT"
 
-# d_model 128, 8 heads x 16, mlp 256, 2+2 layers; the suite's vocabulary (2100 ids, padded).
+# d_model 128, 8 heads x 16, mlp 256, 2+2 layers, T5's 32 position buckets up to distance 128
+# (the sanity runs' model); the suite's vocabulary (2100 ids, padded).
 MODEL=(--gin_file=models/tiny.gin
        --gin.gqa_t5x.models.model_config.vocab_size=2176
        --gin.gqa_t5x.models.model_config.emb_dim=128
        --gin.gqa_t5x.models.model_config.num_heads=8
        --gin.gqa_t5x.models.model_config.head_dim=16
-       --gin.gqa_t5x.models.model_config.mlp_dim=256)
+       --gin.gqa_t5x.models.model_config.mlp_dim=256
+       --gin.gqa_t5x.models.model_config.relative_attention_num_buckets=32
+       --gin.gqa_t5x.models.model_config.relative_attention_max_distance=128)
 SPAN=(--gin.MIXTURE_OR_TASK_NAME="'synthetic_span_corruption'"
       --gin.TASK_FEATURE_LENGTHS="{'inputs': 256, 'targets': 64}" --gin.BATCH_SIZE=32
       --gin.WARMUP_STEPS=100 --gin.LOG_EVERY=50)
