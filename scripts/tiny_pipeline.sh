@@ -31,9 +31,12 @@ MODEL=(--gin_file=models/tiny.gin
        --gin.gqa_t5x.models.model_config.mlp_dim=256
        --gin.gqa_t5x.models.model_config.relative_attention_num_buckets=32
        --gin.gqa_t5x.models.model_config.relative_attention_max_distance=128)
+# Pretraining and uptraining keep T5's schedule, 1/sqrt(max(step, 10k)): a constant 0.01 at these
+# step counts. (With a 100-step warmup, i.e. a rate of 0.1, the pretrained model fine-tuned on
+# synthetic_qa stays on a plateau: EM 8 after 1,200 steps.)
 SPAN=(--gin.MIXTURE_OR_TASK_NAME="'synthetic_span_corruption'"
       --gin.TASK_FEATURE_LENGTHS="{'inputs': 256, 'targets': 64}" --gin.BATCH_SIZE=32
-      --gin.WARMUP_STEPS=100 --gin.LOG_EVERY=50)
+      --gin.LOG_EVERY=50)
 QA=(--gin.MIXTURE_OR_TASK_NAME="'synthetic_qa'"
     --gin.TASK_FEATURE_LENGTHS="{'inputs': 128, 'targets': 8}")
 

@@ -153,7 +153,8 @@ def test_gradients_equal_hf_t5(name):
     out = model(input_ids=torch.tensor(enc), attention_mask=torch.tensor(enc > 0).long(),
                 decoder_input_ids=torch.tensor(dec), labels=torch.tensor(tgt))
     out.loss.backward()
-    hf_grads = {k: p.grad.numpy() for k, p in model.named_parameters()}
+    hf_grads = {k: p.grad.numpy().copy() for k, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)  # the model is shared with the other tests
     hf_grads = hf_mapping.params_from_hf_t5(hf_grads, config)
 
     module = Transformer(config)
