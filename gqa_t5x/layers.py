@@ -87,7 +87,7 @@ def _dense_bwd(residuals, g):
     x, kernel = residuals  # [..., I], [I, O]; g [..., O]
     dx = jnp.einsum("...o,io->...i", g, kernel)  # [..., I]
     dk = jnp.einsum("ti,to->io", x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]))
-    return dx, dk.astype(kernel.dtype)
+    return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 
 dense.defvjp(_dense_fwd, _dense_bwd)

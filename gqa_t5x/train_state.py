@@ -25,7 +25,7 @@ from orbax.checkpoint import checkpoint_managers
 from gqa_t5x import checkpoints, partitioning
 from gqa_t5x.config import TransformerConfig
 
-STEP_PREFIX = "checkpoint"
+STEP_PREFIX = checkpoints.STEP_PREFIX.rstrip("_")  # orbax adds the "_"
 ITEMS = ("state", "run", "config")
 
 
@@ -112,12 +112,7 @@ def restore(manager: ocp.CheckpointManager, step: int, target_state: TrainState)
 
 
 def step_dir(model_dir: str, step: int) -> str:
-    return os.path.join(os.path.abspath(model_dir), f"{STEP_PREFIX}_{step}")
-
-
-def is_train_checkpoint(path: str) -> bool:
-    """Whether `path` is a complete `checkpoint_<step>` directory written by `save`."""
-    return checkpoints.is_run_checkpoint(path)
+    return checkpoints.step_dir(os.path.abspath(model_dir), step)
 
 
 def latest_checkpoint_dir(model_dir: str) -> str | None:
@@ -133,8 +128,9 @@ def read_train_checkpoint(path: str, shardings=None) -> tuple[Any, TransformerCo
     otherwise onto the first local device.
     """
     path = os.path.abspath(path)
-    if not is_train_checkpoint(path):
-        raise FileNotFoundError(f"{path} is not a training checkpoint (no state/ and config/)")
+    if not checkpoints.is_run_checkpoint(path):
+        raise FileNotFoundError(f"{path} is not a complete training checkpoint (state/, config/ "
+                                "and run/)")
     config = read_config(path)
     state_dir = os.path.join(path, "state")
     with ocp.PyTreeCheckpointer() as ckpt:
@@ -172,11 +168,9 @@ def read_params(path: str, shardings=None) -> tuple[Any, TransformerConfig | Non
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist (INITIAL_CHECKPOINT_PATH / "
                                 "CHECKPOINT_PATH)")
-    if is_train_checkpoint(path):
-        return read_train_checkpoint(path, shardings)
-    latest = latest_checkpoint_dir(path)
-    if latest is not None:
-        return read_train_checkpoint(latest, shardings)
+    run_checkpoint = checkpoints.resolve_run_checkpoint(path)
+    if run_checkpoint is not None:
+        return read_train_checkpoint(run_checkpoint, shardings)
     from gqa_t5x import t5x_checkpoints  # noqa: PLC0415 - other formats
 
     reader = checkpoints.open_checkpoint(path)
