@@ -86,10 +86,11 @@ def test_attention_mask_and_bias():
 # ---- the pure function --------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("t", [3, 1])  # 1: one query per sequence, as in a decode step
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (4, 2), (4, 1), (6, 3), (6, 2)])
-def test_dot_product_attention_matches_reference(num_heads, num_kv_heads):
+def test_dot_product_attention_matches_reference(num_heads, num_kv_heads, t):
     r = _rng(num_heads * 10 + num_kv_heads)
-    b, t, s, h = 2, 3, 5, 8
+    b, s, h = 2, 5, 8
     query = r.normal(size=(b, t, num_heads, h)).astype(np.float32)
     key = r.normal(size=(b, num_kv_heads, s, h)).astype(np.float32)
     value = r.normal(size=(b, num_kv_heads, s, h)).astype(np.float32)
