@@ -11,6 +11,11 @@ Beside each measurement stands the prediction of the bytes model:
   the memory bandwidth measured on the spot (`jax.jit(jnp.sum)` over ~1 GiB);
   encoder and cache creation: their FLOPs divided by the measured matmul rate.
 
+A second per-step figure, the matvec model, charges the decoder weights at the rate at which a
+[batch, D] x [D, V] product (the logits projection alone, timed on the spot) streams its weights
+instead of at bandwidth: at small batch on CPU these products are bound by compute, not memory,
+and the difference between the two models is what no KV-cache saving can recover.
+
 The bytes model is a set of plain functions on a `TransformerConfig`; `run_benchmark` writes a
 table, `benchmark.json` and `time_per_sample.png` (time per sample against G, measured and
 predicted). `compare_hf` adds the same shape run by transformers' PyTorch T5 `generate` (MHA,
@@ -82,8 +87,13 @@ def decoder_weight_bytes(config: TransformerConfig) -> int:
         + 3 * d * f  # wi_0, wi_1, wo
         + 3 * d  # three RMSNorm scales
     )
-    total = config.num_decoder_layers * per_layer + d + d * config.vocab_size
-    return total * _itemsize(config)
+    return (config.num_decoder_layers * per_layer + d) * _itemsize(config) + logits_weight_bytes(
+        config)
+
+
+def logits_weight_bytes(config: TransformerConfig) -> int:
+    """Bytes of the logits projection [D, V]."""
+    return config.emb_dim * config.vocab_size * _itemsize(config)
 
 
 def cross_kv_weight_bytes(config: TransformerConfig) -> int:
@@ -145,8 +155,11 @@ def cross_kv_flops(config: TransformerConfig, batch: int, input_length: int) -> 
 
 
 def predict(config: TransformerConfig, settings: BenchmarkSettings, bandwidth: float,
-            flops_rate: float, recompute_cross_kv: bool = False) -> dict[str, float]:
-    """Predicted seconds (bytes model) for one batch of greedy decoding."""
+            flops_rate: float, recompute_cross_kv: bool = False,
+            weight_rate: float | None = None) -> dict[str, float]:
+    """Predicted seconds (bytes model) for one batch of greedy decoding; with `weight_rate`
+    (bytes/s of weights a batch-sized matvec streams), also `step_ms_matvec`, the step with the
+    decoder weights read at that rate instead of at `bandwidth`."""
     b, s, n = settings.batch_size, settings.input_length, settings.output_length
     encoder_s = encoder_flops(config, b, s) / flops_rate
     cache_init_s = cross_kv_flops(config, b, s) / flops_rate
@@ -154,7 +167,7 @@ def predict(config: TransformerConfig, settings: BenchmarkSettings, bandwidth: f
     loop_s = loop_bytes / bandwidth
     if recompute_cross_kv:
         loop_s += n * cross_kv_flops(config, b, s) / flops_rate
-    return {
+    out = {
         "encoder_s": encoder_s,
         "cache_init_s": cache_init_s,
         "decode_s": loop_s,
@@ -162,6 +175,10 @@ def predict(config: TransformerConfig, settings: BenchmarkSettings, bandwidth: f
         "step_bytes": loop_bytes / n,
         "sample_s": (encoder_s + cache_init_s + loop_s) / b,
     }
+    if weight_rate is not None:
+        weights = decoder_weight_bytes(config)
+        out["step_ms_matvec"] = out["step_ms"] + 1e3 * weights * (1 / weight_rate - 1 / bandwidth)
+    return out
 
 
 # ---- machine rates ------------------------------------------------------------------------------
@@ -353,8 +370,10 @@ def _run(config: TransformerConfig, settings: BenchmarkSettings, groups: list[in
     bandwidth = measure_bandwidth()
     flops_rate = measure_matmul_rate()
     logits_s = measure_logits_step(config, settings.batch_size)
+    weight_rate = logits_weight_bytes(config) / logits_s
     log(f"  bandwidth {bandwidth / 1e9:.1f} GB/s, matmul {flops_rate / 1e9:.1f} GFLOP/s, "
-        f"logits projection {logits_s * 1e3:.1f} ms/step")
+        f"logits projection {logits_s * 1e3:.1f} ms/step ({weight_rate / 1e9:.1f} GB/s of "
+        "weights)")
     tokens = random_inputs(config.vocab_size, settings.batch_size, settings.input_length,
                            settings.seed)
 
@@ -374,7 +393,7 @@ def _run(config: TransformerConfig, settings: BenchmarkSettings, groups: list[in
             params = random_params(module, settings.seed)
             start = time.perf_counter()
             measured = time_decoding(module, params, tokens, settings, method)
-            predicted = (predict(cfg, settings, bandwidth, flops_rate, recompute)
+            predicted = (predict(cfg, settings, bandwidth, flops_rate, recompute, weight_rate)
                          if method == "greedy" else None)
             rows.append(_row(name, g, measured, predicted))
             log(f"{name}: {measured['sample_s']:.3f} s/sample, {measured['step_ms']:.1f} "
@@ -401,7 +420,7 @@ def _run(config: TransformerConfig, settings: BenchmarkSettings, groups: list[in
 def format_table(results: dict) -> str:
     """A text table of the measured and predicted figures."""
     head = (f"{'model':<22}{'s/sample':>9}{'pred':>7}{'enc s':>8}{'pred':>7}{'init s':>8}"
-            f"{'loop s':>8}{'ms/step':>8}{'pred':>7}{'cache MiB':>10}")
+            f"{'loop s':>8}{'ms/step':>8}{'pred':>7}{'mv':>7}{'cache MiB':>10}")
     lines = [head, "-" * len(head)]
     for row in results["rows"]:
         m, p = row["measured"], row["predicted"] or {}
@@ -413,16 +432,16 @@ def format_table(results: dict) -> str:
             f"{row['name']:<22}{fmt(m, 'sample_s', 9, 3)}{fmt(p, 'sample_s', 7, 3)}"
             f"{fmt(m, 'encoder_s', 8, 2)}{fmt(p, 'encoder_s', 7, 2)}"
             f"{fmt(m, 'cache_init_s', 8, 3)}{fmt(m, 'decode_s', 8, 2)}"
-            f"{fmt(m, 'step_ms', 8, 1)}{fmt(p, 'step_ms', 7, 1)}"
+            f"{fmt(m, 'step_ms', 8, 1)}{fmt(p, 'step_ms', 7, 1)}{fmt(p, 'step_ms_matvec', 7, 1)}"
             + (f"{m['cache_bytes'] / 2**20:>10.1f}" if "cache_bytes" in m else f"{'-':>10}"))
     bw = results["bandwidth_bytes_per_s"] / 1e9
     rate = results["matmul_flops_per_s"] / 1e9
     lines.append(f"bandwidth {bw:.1f} GB/s, matmul {rate:.1f} GFLOP/s")
     if "logits_step_s" in results:
-        cfg = results["config"]
-        weight_bytes = cfg["emb_dim"] * cfg["vocab_size"] * jnp.dtype(cfg["dtype"]).itemsize
+        weight_bytes = logits_weight_bytes(TransformerConfig.from_dict(results["config"]))
         lines.append(f"logits projection alone {results['logits_step_s'] * 1e3:.1f} ms/step "
-                     f"(bytes model {weight_bytes / results['bandwidth_bytes_per_s'] * 1e3:.1f})")
+                     f"(bytes model {weight_bytes / results['bandwidth_bytes_per_s'] * 1e3:.1f}); "
+                     "pred: bytes model, mv: decoder weights at its rate")
     return "\n".join(lines)
 
 

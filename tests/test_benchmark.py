@@ -37,6 +37,18 @@ def test_bytes_model_reproduces_reference_step_times():
         assert step / 23e9 * 1e3 == pytest.approx(ms, abs=0.06)
 
 
+def test_matvec_model_charges_decoder_weights_at_the_matvec_rate():
+    # MQA, 1 output step, input 1024, batch 8: weights 4*(4 layers * 2,688,512 + 512) +
+    # 4*512*32128 = 108,816,384 bytes; K/V 4 layers * 8 * 2 * 64 * (1 + 1024) * 4 = 16,793,600.
+    mqa = B_CONFIG.replace(num_kv_heads=1)
+    assert benchmark.logits_weight_bytes(mqa) == 4 * 512 * 32128
+    settings = benchmark.BenchmarkSettings(output_length=1, input_length=1024, batch_size=8)
+    pred = benchmark.predict(mqa, settings, bandwidth=20e9, flops_rate=1e11, weight_rate=10e9)
+    assert pred["step_ms"] == pytest.approx(1e3 * (108_816_384 + 16_793_600) / 20e9)
+    assert pred["step_ms_matvec"] == pytest.approx(1e3 * (108_816_384 / 10e9 + 16_793_600 / 20e9))
+    assert "step_ms_matvec" not in benchmark.predict(mqa, settings, 20e9, 1e11)
+
+
 def test_kv_read_and_decode_bytes_by_hand():
     cfg = B_CONFIG.replace(num_kv_heads=2)
     # 4 layers x batch 3 x (K, V) x 2 heads x 64 x (5 self + 7 cross positions) x 4 bytes.
@@ -94,12 +106,17 @@ def test_cli_end_to_end(tmp_path, capsys):
         assert predicted["step_bytes"] == pytest.approx(expected_step)
         assert predicted["step_ms"] == pytest.approx(
             1e3 * expected_step / results["bandwidth_bytes_per_s"])
+        weight_rate = tiny.emb_dim * tiny.vocab_size * 4 / results["logits_step_s"]
+        assert predicted["step_ms_matvec"] == pytest.approx(
+            predicted["step_ms"] + 1e3 * benchmark.decoder_weight_bytes(cfg)
+            * (1 / weight_rate - 1 / results["bandwidth_bytes_per_s"]))
         assert measured["sample_s"] == pytest.approx(
             (measured["encoder_s"] + measured["cache_init_s"] + measured["decode_s"]) / 2)
     assert results["logits_step_s"] > 0
     logits_ms = 1e3 * tiny.emb_dim * tiny.vocab_size * 4 / results["bandwidth_bytes_per_s"]
     assert (f"logits projection alone {1e3 * results['logits_step_s']:.1f} ms/step "
             f"(bytes model {logits_ms:.1f})") in table
+    assert "mv" in table.splitlines()[0]
     # Results are not overwritten without --force.
     assert bench_cli.main(argv) == 2
     assert "exists" in capsys.readouterr().err
