@@ -459,6 +459,11 @@ def plot(results: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(groups, [r["measured"]["sample_s"] for r in rows], "o-", label="measured")
     ax.plot(groups, [r["predicted"]["sample_s"] for r in rows], "s--", label="bytes model")
+    if rows and "step_ms_matvec" in rows[0]["predicted"]:
+        steps_per_sample = results["settings"]["output_length"] / results["settings"]["batch_size"]
+        ax.plot(groups, [r["predicted"]["sample_s"] + steps_per_sample * 1e-3
+                         * (r["predicted"]["step_ms_matvec"] - r["predicted"]["step_ms"])
+                         for r in rows], "^:", label="matvec model")
     for r in results["rows"]:
         if r["groups"] is None:
             ax.axhline(r["measured"]["sample_s"], color="gray", ls=":", label=r["name"])
@@ -467,7 +472,8 @@ def plot(results: dict, path: str) -> None:
         ax.set_xticks(groups, [str(g) for g in groups])
     ax.set_xlabel("GQA groups")
     ax.set_ylabel("time per sample (s)")
-    ax.legend()
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize="small", loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
