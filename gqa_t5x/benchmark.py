@@ -87,8 +87,8 @@ def decoder_weight_bytes(config: TransformerConfig) -> int:
         + 3 * d * f  # wi_0, wi_1, wo
         + 3 * d  # three RMSNorm scales
     )
-    return (config.num_decoder_layers * per_layer + d) * _itemsize(config) + logits_weight_bytes(
-        config)
+    norm_and_layers = (config.num_decoder_layers * per_layer + d) * _itemsize(config)
+    return norm_and_layers + logits_weight_bytes(config)
 
 
 def logits_weight_bytes(config: TransformerConfig) -> int:
