@@ -158,8 +158,8 @@ def predict(config: TransformerConfig, settings: BenchmarkSettings, bandwidth: f
             flops_rate: float, recompute_cross_kv: bool = False,
             weight_rate: float | None = None) -> dict[str, float]:
     """Predicted seconds (bytes model) for one batch of greedy decoding; with `weight_rate`
-    (bytes/s of weights a batch-sized matvec streams), also `step_ms_matvec`, the step with the
-    decoder weights read at that rate instead of at `bandwidth`."""
+    (bytes/s of weights a batch-sized matvec streams), also `step_ms_matvec` and
+    `sample_s_matvec`, with the decoder weights read at that rate instead of at `bandwidth`."""
     b, s, n = settings.batch_size, settings.input_length, settings.output_length
     encoder_s = encoder_flops(config, b, s) / flops_rate
     cache_init_s = cross_kv_flops(config, b, s) / flops_rate
@@ -177,7 +177,9 @@ def predict(config: TransformerConfig, settings: BenchmarkSettings, bandwidth: f
     }
     if weight_rate is not None:
         weights = decoder_weight_bytes(config)
-        out["step_ms_matvec"] = out["step_ms"] + 1e3 * weights * (1 / weight_rate - 1 / bandwidth)
+        extra_s = weights * (1 / weight_rate - 1 / bandwidth)  # per step, over the bytes model
+        out["step_ms_matvec"] = out["step_ms"] + 1e3 * extra_s
+        out["sample_s_matvec"] = out["sample_s"] + n * extra_s / b
     return out
 
 
@@ -459,11 +461,9 @@ def plot(results: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(groups, [r["measured"]["sample_s"] for r in rows], "o-", label="measured")
     ax.plot(groups, [r["predicted"]["sample_s"] for r in rows], "s--", label="bytes model")
-    if rows and "step_ms_matvec" in rows[0]["predicted"]:
-        steps_per_sample = results["settings"]["output_length"] / results["settings"]["batch_size"]
-        ax.plot(groups, [r["predicted"]["sample_s"] + steps_per_sample * 1e-3
-                         * (r["predicted"]["step_ms_matvec"] - r["predicted"]["step_ms"])
-                         for r in rows], "^:", label="matvec model")
+    if rows and "sample_s_matvec" in rows[0]["predicted"]:
+        ax.plot(groups, [r["predicted"]["sample_s_matvec"] for r in rows], "^:",
+                label="matvec model")
     for r in results["rows"]:
         if r["groups"] is None:
             ax.axhline(r["measured"]["sample_s"], color="gray", ls=":", label=r["name"])

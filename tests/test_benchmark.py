@@ -46,6 +46,9 @@ def test_matvec_model_charges_decoder_weights_at_the_matvec_rate():
     pred = benchmark.predict(mqa, settings, bandwidth=20e9, flops_rate=1e11, weight_rate=10e9)
     assert pred["step_ms"] == pytest.approx(1e3 * (108_816_384 + 16_793_600) / 20e9)
     assert pred["step_ms_matvec"] == pytest.approx(1e3 * (108_816_384 / 10e9 + 16_793_600 / 20e9))
+    # Per sample: one step's extra weight time shared by the 8 sequences.
+    assert pred["sample_s_matvec"] == pytest.approx(
+        pred["sample_s"] + 108_816_384 * (1 / 10e9 - 1 / 20e9) / 8)
     assert "step_ms_matvec" not in benchmark.predict(mqa, settings, 20e9, 1e11)
 
 
