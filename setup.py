@@ -13,6 +13,7 @@ setuptools.setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     packages=setuptools.find_packages(include=["gqa_t5x", "gqa_t5x.*"]),
+    package_data={"gqa_t5x": ["csrc/*.cc", "csrc/*.h"]},  # compiled on first use (cpu_kernels.py)
     python_requires=">=3.10",
     install_requires=[
         "numpy>=1.26",

@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gqa_t5x import layers
+from gqa_t5x import cpu_kernels, layers
 
 NEG_INF = -1e10
 
@@ -69,6 +69,10 @@ def dot_product_attention(query, key, value, bias=None, *, dropout_rng=None, dro
       bias: additive, broadcastable to [B, N, T, S] (masks and relative position bias).
     Returns:
       [B, T, N, H].
+
+    A decode step (T == 1, no dropout, float32) on CPU runs in the compiled
+    `cpu_kernels.decode_attention`, which reads each kv head's keys and values once for its G
+    queries; its gradient is this function's XLA path.
     """
     b, t, n, h = query.shape
     k = key.shape[1]
@@ -76,16 +80,33 @@ def dot_product_attention(query, key, value, bias=None, *, dropout_rng=None, dro
         raise ValueError(f"key {key.shape} / value {value.shape} do not fit query {query.shape}")
     if n % k:
         raise ValueError(f"{n} query heads are not divisible by {k} kv heads")
+    dropout = dropout_rng is not None and dropout_rate > 0.0
+    if (t == 1 and not dropout and jnp.dtype(dtype) == jnp.float32
+            and cpu_kernels.attention_applies(query, key, value)):
+        s = key.shape[2]
+        bias = jnp.zeros((), jnp.float32) if bias is None else bias.astype(jnp.float32)
+        bias = jnp.broadcast_to(bias, (b, n, 1, s)).reshape(b, k, n // k, s)  # [B, K, G, S]
+        out = _kernel_step(query.reshape(b, k, n // k, h), key, value, bias)  # [B, K, G, H]
+        return out.reshape(b, 1, n, h)
+    return _attention(query, key, value, bias, dropout_rng if dropout else None, dropout_rate,
+                      dtype)
+
+
+def _attention(query, key, value, bias, dropout_rng, dropout_rate, dtype):
+    """dot_product_attention in XLA ops."""
+    b, t, n, h = query.shape
+    k = key.shape[1]
     g = n // k
     s = key.shape[2]
     # Queries of a group side by side, [B, K, G*T, H]: both contractions are then plain batched
     # matmuls over (B, K) in the layout XLA's CPU and GPU dot kernels want.
     q = query.reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4).reshape(b, k, g * t, h)
     if t == 1 and 1 < g and jax.default_backend() == "cpu":
-        # A decode step on CPU: G matrix-vector products against each kv head's keys instead of
-        # one [G, H] x [H, S] product. XLA's CPU kernels run those small products several times
-        # below memory bandwidth; the second and later reads of a kv head's keys come from cache
-        # (config B's GQA-4 decode step, interleaved runs on a 2-core CPU: 19.7 -> 17.4 ms).
+        # A decode step on CPU without the compiled kernel: G matrix-vector products against each
+        # kv head's keys instead of one [G, H] x [H, S] product, which XLA's CPU kernels run
+        # several times below memory bandwidth; the second and later reads of a kv head's keys
+        # come from cache (config B's GQA-4 decode step, interleaved runs on a 2-core CPU:
+        # 19.7 -> 17.4 ms).
         logits = jnp.stack([jnp.einsum("BKH,BKSH->BKS", q[:, :, i], key,
                                        preferred_element_type=jnp.float32)
                             for i in range(g)], axis=2)  # [B, K, G, S]
@@ -101,7 +122,7 @@ def dot_product_attention(query, key, value, bias=None, *, dropout_rng=None, dro
     logits_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
     unnormalized = jnp.exp(logits - logits_max)  # [B, K, G, T, S]
     denominator = jnp.sum(unnormalized, axis=-1, keepdims=True)  # [B, K, G, T, 1]
-    if dropout_rng is not None and dropout_rate > 0.0:
+    if dropout_rng is not None:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, unnormalized.shape)
         unnormalized = jnp.where(keep, unnormalized / (1.0 - dropout_rate), 0.0)
     weights = unnormalized.astype(dtype).reshape(b, k, g * t, s)
@@ -109,6 +130,29 @@ def dot_product_attention(query, key, value, bias=None, *, dropout_rng=None, dro
                      preferred_element_type=jnp.float32)  # [B, K, G*T, H]
     out = out.reshape(b, k, g, t, h) / denominator  # [B, K, G, T, H]
     return out.astype(dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
+@jax.custom_vjp
+def _kernel_step(q, key, value, bias):
+    """q [B, K, G, H], key/value [B, K, S, H], bias [B, K, G, S] -> [B, K, G, H] by the kernel."""
+    return cpu_kernels.decode_attention(q, key, value, bias)
+
+
+def _kernel_step_fwd(q, key, value, bias):
+    return _kernel_step(q, key, value, bias), (q, key, value, bias)
+
+
+def _kernel_step_bwd(residuals, g):
+    def xla_step(q, key, value, bias):  # the same step in XLA ops: [B, K, G, H]
+        b, k, gs, h = q.shape
+        out = _attention(q.reshape(b, 1, k * gs, h), key, value,
+                         bias.reshape(b, k * gs, 1, -1), None, 0.0, jnp.float32)
+        return out.reshape(b, k, gs, h)
+
+    return jax.vjp(xla_step, *residuals)[1](g)
+
+
+_kernel_step.defvjp(_kernel_step_fwd, _kernel_step_bwd)
 
 
 # ---- the module ---------------------------------------------------------------------------------

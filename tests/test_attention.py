@@ -6,7 +6,7 @@ import numpy as np
 import numpy_t5
 import pytest
 
-from gqa_t5x import attention, layers
+from gqa_t5x import attention, cpu_kernels, layers
 
 
 def _rng(seed=0):
@@ -86,9 +86,12 @@ def test_attention_mask_and_bias():
 # ---- the pure function --------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("kernels", ["1", "0"])  # a decode step on CPU: compiled kernel or XLA
 @pytest.mark.parametrize("t", [3, 1])  # 1: one query per sequence, as in a decode step
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (4, 2), (4, 1), (6, 3), (6, 2)])
-def test_dot_product_attention_matches_reference(num_heads, num_kv_heads, t):
+def test_dot_product_attention_matches_reference(num_heads, num_kv_heads, t, kernels,
+                                                 monkeypatch):
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, kernels)
     r = _rng(num_heads * 10 + num_kv_heads)
     b, s, h = 2, 5, 8
     query = r.normal(size=(b, t, num_heads, h)).astype(np.float32)
