@@ -20,12 +20,17 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
-typedef int32_t vi16 __attribute__((vector_size(64), aligned(4)));
+// W floats (and W int32s, for exp's bit tricks) in one vector.
+template <int W>
+struct Vec {
+  typedef float f __attribute__((vector_size(4 * W), aligned(4)));
+  typedef int32_t i __attribute__((vector_size(4 * W), aligned(4)));
+};
+typedef Vec<16>::f v16;
 
 inline float sum16(v16 v) {
 #ifdef __AVX512F__
-  return _mm512_reduce_add_ps(reinterpret_cast<__m512&>(v));
+  return _mm512_reduce_add_ps(__builtin_bit_cast(__m512, v));
 #else
   float total = 0.0f;
   for (int j = 0; j < 16; ++j) total += v[j];
@@ -88,27 +93,29 @@ void weighted_values(const float* probs, int64_t g_stride, int64_t s_stride, con
   }
 }
 
-// exp of 16 floats: 2^n exp(r) with r = x - n ln 2 in [-ln2/2, ln2/2] and a degree-6 Taylor
+// exp of W floats: 2^n exp(r) with r = x - n ln 2 in [-ln2/2, ln2/2] and a degree-6 Taylor
 // polynomial (relative error under 2e-7); 0 below -87 (the masks' -1e10 lands there).
-inline v16 exp16(v16 x) {
-  const v16 magic = v16{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const vi16 underflow = x < -87.0f;
-  x = x < -87.0f ? v16{} - 87.0f : x;
-  x = x > 88.0f ? v16{} + 88.0f : x;
-  const v16 t = x * 1.44269504088896341f + magic;
-  const v16 n = t - magic;
-  const v16 r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-  v16 p = v16{} + (1.0f / 720);
+template <int W>
+inline typename Vec<W>::f expv(typename Vec<W>::f x) {
+  using V = typename Vec<W>::f;
+  using VI = typename Vec<W>::i;
+  const V magic = V{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const VI underflow = x < -87.0f;
+  x = x < -87.0f ? V{} - 87.0f : x;
+  x = x > 88.0f ? V{} + 88.0f : x;
+  const V t = x * 1.44269504088896341f + magic;
+  const V n = t - magic;
+  const V r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  V p = V{} + (1.0f / 720);
   p = p * r + (1.0f / 120);
   p = p * r + (1.0f / 24);
   p = p * r + (1.0f / 6);
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const vi16 bits = (reinterpret_cast<const vi16&>(t) - reinterpret_cast<const vi16&>(magic)
-                     + 127) << 23;
-  const v16 scaled = p * reinterpret_cast<const v16&>(bits);
-  return underflow ? v16{} : scaled;
+  const VI bits = (__builtin_bit_cast(VI, t) - __builtin_bit_cast(VI, magic) + 127) << 23;
+  const V scaled = p * __builtin_bit_cast(V, bits);
+  return underflow ? V{} : scaled;
 }
 
 // In place: row <- exp(row - max(row)); returns the sum.
@@ -119,7 +126,7 @@ float exp_shifted(float* row, int64_t n) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     v16* v = reinterpret_cast<v16*>(row + i);
-    *v = exp16(*v - m);
+    *v = expv<16>(*v - m);
     for (int j = 0; j < 16; ++j) total += (*v)[j];
   }
   for (; i < n; ++i) total += row[i] = std::exp(row[i] - m);
@@ -130,46 +137,47 @@ struct Shapes {
   int64_t B, K, G, S, H;
 };
 
-constexpr int64_t kLanes = 16;
 // From this many queries per kv head on, logits are computed with one query per vector lane
 // (a broadcast key element times all queries' elements); below it, one dot product per query
 // and key row, whose horizontal sum would otherwise dominate a GQA or MQA step.
 constexpr int64_t kLanesFromG = 8;
+constexpr int64_t kMaxLanes = 16;
 
-inline v16 max16(v16 a, v16 b) { return a > b ? a : b; }
-
-// One kv head with G <= 16 queries in vector lanes: q [G, H], key/value [S, H], bias [G, S],
-// out [G, H]. lanes is scratch of S vectors.
+// One kv head with G <= W queries in the lanes of W-float vectors: q [G, H], key/value [S, H],
+// bias [G, S], out [G, H]. Scratch: lanes [S, W] and qt [H, W] floats.
+template <int W>
 void head_lanes(const Shapes& d, int64_t G, const float* q, const float* key, const float* value,
-                const float* bias, float* out, v16* lanes, v16* qt) {
-  for (int64_t h = 0; h < d.H; ++h) {  // qt[h][g] = q[g, h]; unused lanes stay 0
-    qt[h] = v16{};
-    for (int64_t g = 0; g < G; ++g) qt[h][g] = q[g * d.H + h];
+                const float* bias, float* out, float* lanes, float* qt) {
+  using V = typename Vec<W>::f;
+  V* lv = reinterpret_cast<V*>(lanes);  // [S] vectors
+  V* qv = reinterpret_cast<V*>(qt);     // [H] vectors: qv[h][g] = q[g, h], unused lanes 0
+  for (int64_t h = 0; h < d.H; ++h) {
+    qv[h] = V{};
+    for (int64_t g = 0; g < G; ++g) qv[h][g] = q[g * d.H + h];
   }
   for (int64_t s = 0; s < d.S; ++s) {  // each key row once, for all G queries
     const float* row = key + s * d.H;
-    v16 a0{}, a1{}, a2{}, a3{};  // four chains, so that the FMAs overlap
+    V a0{}, a1{}, a2{}, a3{};  // four chains, so that the FMAs overlap
     int64_t h = 0;
     for (; h + 4 <= d.H; h += 4) {
-      a0 += row[h] * qt[h];
-      a1 += row[h + 1] * qt[h + 1];
-      a2 += row[h + 2] * qt[h + 2];
-      a3 += row[h + 3] * qt[h + 3];
+      a0 += row[h] * qv[h];
+      a1 += row[h + 1] * qv[h + 1];
+      a2 += row[h + 2] * qv[h + 2];
+      a3 += row[h + 3] * qv[h + 3];
     }
-    for (; h < d.H; ++h) a0 += row[h] * qt[h];
-    lanes[s] = (a0 + a1) + (a2 + a3);
+    for (; h < d.H; ++h) a0 += row[h] * qv[h];
+    lv[s] = (a0 + a1) + (a2 + a3);
   }
-  float* flat = reinterpret_cast<float*>(lanes);  // [S, 16]
   for (int64_t g = 0; g < G; ++g) {
-    for (int64_t s = 0; s < d.S; ++s) flat[s * kLanes + g] += bias[g * d.S + s];
+    for (int64_t s = 0; s < d.S; ++s) lanes[s * W + g] += bias[g * d.S + s];
   }
-  v16 m = lanes[0];
-  for (int64_t s = 1; s < d.S; ++s) m = max16(m, lanes[s]);
-  v16 total{};
-  for (int64_t s = 0; s < d.S; ++s) total += lanes[s] = exp16(lanes[s] - m);
-  float totals[kLanes];
-  for (int64_t g = 0; g < kLanes; ++g) totals[g] = total[g];
-  weighted_values(flat, 1, kLanes, totals, value, G, d.S, d.H, out);
+  V m = lv[0];
+  for (int64_t s = 1; s < d.S; ++s) m = m > lv[s] ? m : lv[s];
+  V total{};
+  for (int64_t s = 0; s < d.S; ++s) total += lv[s] = expv<W>(lv[s] - m);
+  float totals[W];
+  for (int g = 0; g < W; ++g) totals[g] = total[g];
+  weighted_values(lanes, 1, W, totals, value, G, d.S, d.H, out);
 }
 
 // One kv head with few queries, one dot product per query and key row; same operands, and
@@ -192,7 +200,8 @@ void head_dots(const Shapes& d, const float* q, const float* key, const float* v
 void heads(const Shapes& d, const float* q, const float* key, const float* value,
            const float* bias, float* out, int64_t i0, int64_t i1) {
   const bool lanes = d.G >= kLanesFromG;
-  std::vector<v16> lane_buf(lanes ? d.S + d.H : 0);  // [S] logits, then [H] transposed queries
+  // [S, W] logits, then [H, W] transposed queries
+  std::vector<float> lane_buf(lanes ? (d.S + d.H) * kMaxLanes : 0);
   std::vector<float> logits(lanes ? 0 : d.G * d.S + d.G);  // [G, S], then [G] sums
   for (int64_t i = i0; i < i1; ++i) {
     const float* qi = q + i * d.G * d.H;
@@ -204,9 +213,14 @@ void heads(const Shapes& d, const float* q, const float* key, const float* value
       head_dots(d, qi, ki, vi, bi, oi, logits.data(), logits.data() + d.G * d.S);
       continue;
     }
-    for (int64_t g0 = 0; g0 < d.G; g0 += kLanes) {  // 16 queries at a time
-      head_lanes(d, std::min(kLanes, d.G - g0), qi + g0 * d.H, ki, vi, bi + g0 * d.S,
-                 oi + g0 * d.H, lane_buf.data(), lane_buf.data() + d.S);
+    float* qt = lane_buf.data() + d.S * kMaxLanes;
+    if (d.G <= 8) {  // 8-float vectors: no idle lanes at G 8 (MQA with 8 heads)
+      head_lanes<8>(d, d.G, qi, ki, vi, bi, oi, lane_buf.data(), qt);
+      continue;
+    }
+    for (int64_t g0 = 0; g0 < d.G; g0 += kMaxLanes) {  // 16 queries at a time
+      head_lanes<16>(d, std::min(kMaxLanes, d.G - g0), qi + g0 * d.H, ki, vi, bi + g0 * d.S,
+                     oi + g0 * d.H, lane_buf.data(), qt);
     }
   }
 }
