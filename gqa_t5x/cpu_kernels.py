@@ -19,8 +19,8 @@ targets. Without a compiler, or with `GQA_T5X_CPU_KERNELS=0`, the model keeps XL
 results are the same up to float rounding. Set the variable before the first jitted call: the
 choice is made when a function is traced.
 
-Environment: `CXX` (compiler, default `c++`), `GQA_T5X_CACHE_DIR` (default
-`$XDG_CACHE_HOME/gqa_t5x` or `~/.cache/gqa_t5x`), `GQA_T5X_CPU_KERNELS` (`0` to turn off).
+Environment: `CXX` (compiler, default `c++`), `GQA_T5X_CACHE` (default `~/.cache/gqa_t5x`),
+`GQA_T5X_CPU_KERNELS` (`0` to turn off).
 """
 
 from __future__ import annotations
@@ -54,10 +54,8 @@ CXX_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 
 
 def cache_dir() -> Path:
-    if os.environ.get("GQA_T5X_CACHE_DIR"):
-        return Path(os.environ["GQA_T5X_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "gqa_t5x"
+    """`$GQA_T5X_CACHE`, else `~/.cache/gqa_t5x`: the cache the synthetic suite uses too."""
+    return Path(os.environ.get("GQA_T5X_CACHE") or Path.home() / ".cache" / "gqa_t5x")
 
 
 def _cpu_signature() -> str:
