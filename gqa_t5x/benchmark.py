@@ -12,9 +12,10 @@ Beside each measurement stands the prediction of the bytes model:
   encoder and cache creation: their FLOPs divided by the measured matmul rate.
 
 A second per-step figure, the matvec model, charges the decoder weights at the rate at which a
-[batch, D] x [D, V] product (the logits projection alone, timed on the spot) streams its weights
-instead of at bandwidth: at small batch on CPU these products are bound by compute, not memory,
-and the difference between the two models is what no KV-cache saving can recover.
+[batch, D] x [D, V] product (the logits projection alone through `layers.dense`, timed on the
+spot) streams its weights instead of at bandwidth. With XLA's dot on CPU that rate is well below
+bandwidth (the products are built for many rows); with the compiled kernel of `cpu_kernels` it
+can be above the `jnp.sum` figure, and the matvec model is then the lower of the two.
 
 The bytes model is a set of plain functions on a `TransformerConfig`; `run_benchmark` writes a
 table, `benchmark.json` and `time_per_sample.png` (time per sample against G, measured and
@@ -214,9 +215,9 @@ def measure_logits_step(config: TransformerConfig, batch: int, steps: int = 64,
                         repeats: int = 3) -> float:
     """Seconds per decode step of the logits projection alone: [batch, emb] x [emb, vocab] in a
     jitted loop of `steps` dependent iterations (each feeds a slice of its output back, so that
-    nothing is hoisted). The bytes model charges it only its weight bytes; at small batch on CPU it
-    runs below bandwidth, which this figure shows beside the per-step times. It goes through
-    `layers.dense`, so it measures the path the model takes (the CPU kernel, where it applies)."""
+    nothing is hoisted). The bytes model charges it only its weight bytes at bandwidth; this figure
+    shows the rate the model's own path (`layers.dense`: the CPU kernel where it applies, else
+    XLA's dot) reaches at this batch."""
     dtype = jnp.dtype(config.dtype)
     x = jnp.ones((batch, config.emb_dim), dtype)
     w = jax.random.normal(jax.random.PRNGKey(0), (config.emb_dim, config.vocab_size), dtype)
