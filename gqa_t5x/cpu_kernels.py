@@ -28,6 +28,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import platform
 import shlex
@@ -134,9 +135,7 @@ def enabled() -> bool:
 
 def dense_applies(x: jax.Array, kernel: jax.Array) -> bool:
     """Whether `layers.dense(x, kernel)` should use the kernel: few float32 rows, a 2-D kernel."""
-    rows = 1
-    for n in x.shape[:-1]:
-        rows *= n
+    rows = math.prod(x.shape[:-1])
     return (0 < rows <= MAX_ROWS and kernel.ndim == 2 and x.dtype == jnp.float32
             and kernel.dtype == jnp.float32 and enabled())
 
@@ -146,11 +145,18 @@ def attention_applies(query: jax.Array, key: jax.Array, value: jax.Array) -> boo
     return all(a.dtype == jnp.float32 for a in (query, key, value)) and enabled()
 
 
+def _check_float32(fn: str, **arrays: jax.Array) -> None:
+    for name, a in arrays.items():
+        if a.dtype != jnp.float32:
+            raise ValueError(f"{fn}: {name} is {a.dtype}, the CPU kernels take float32")
+
+
 def small_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """x [M, D] @ kernel [D, F] -> [M, F], float32, by the compiled kernel (see `dense_applies`)."""
     if x.ndim != 2 or kernel.ndim != 2 or x.shape[1] != kernel.shape[0]:
         raise ValueError(f"small_matmul: x {x.shape} and kernel {kernel.shape} are not "
                          "[M, D] and [D, F]")
+    _check_float32("small_matmul", x=x, kernel=kernel)
     if not _registered():
         raise RuntimeError("small_matmul: the CPU kernels could not be built (see the warning)")
     out = jax.ShapeDtypeStruct((x.shape[0], kernel.shape[1]), jnp.float32)
@@ -165,12 +171,14 @@ def decode_attention(q: jax.Array, key: jax.Array, value: jax.Array,
     q [B, K, G, H], key and value [B, K, S, H], bias [B, K, G, S] -> [B, K, G, H]. No gradient:
     `attention.dot_product_attention` gives it one.
     """
-    b, k, g, h = q.shape
-    s = key.shape[2]
-    if (key.shape != (b, k, s, h) or value.shape != key.shape or bias.shape != (b, k, g, s)):
+    shapes = (q.shape, key.shape, value.shape, bias.shape)
+    b, k, g, h = q.shape if q.ndim == 4 else (-1,) * 4
+    s = key.shape[2] if key.ndim == 4 else -1
+    if shapes != ((b, k, g, h), (b, k, s, h), (b, k, s, h), (b, k, g, s)):
         raise ValueError(f"decode_attention: q {q.shape}, key {key.shape}, value {value.shape} "
                          f"and bias {bias.shape} are not [B, K, G, H], [B, K, S, H] (twice) and "
                          "[B, K, G, S]")
+    _check_float32("decode_attention", q=q, key=key, value=value, bias=bias)
     if not _registered():
         raise RuntimeError("decode_attention: the CPU kernels could not be built (see the warning)")
     out = jax.ShapeDtypeStruct(q.shape, jnp.float32)

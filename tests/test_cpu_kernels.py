@@ -53,9 +53,18 @@ def test_small_matmul_in_a_loop_and_under_vmap():
     np.testing.assert_allclose(np.asarray(ys), _reference(xs, w), rtol=1e-5, atol=1e-5)
 
 
-def test_small_matmul_rejects_bad_shapes():
+def test_kernels_reject_bad_shapes_and_dtypes():
     with pytest.raises(ValueError, match=r"\(3, 4\) and kernel \(5, 6\)"):
         cpu_kernels.small_matmul(jnp.ones((3, 4)), jnp.ones((5, 6)))
+    with pytest.raises(ValueError, match="kernel is bfloat16, the CPU kernels take float32"):
+        cpu_kernels.small_matmul(jnp.ones((3, 4)), jnp.ones((4, 6), jnp.bfloat16))
+    q, kv, bias = jnp.ones((2, 3, 4, 8)), jnp.ones((2, 3, 5, 8)), jnp.ones((2, 3, 4, 5))
+    with pytest.raises(ValueError, match=r"bias \(2, 3, 4, 6\) are not"):
+        cpu_kernels.decode_attention(q, kv, kv, jnp.ones((2, 3, 4, 6)))
+    with pytest.raises(ValueError, match=r"q \(2, 12, 8\)"):
+        cpu_kernels.decode_attention(jnp.ones((2, 12, 8)), kv, kv, bias)
+    with pytest.raises(ValueError, match="value is float16"):
+        cpu_kernels.decode_attention(q, kv, kv.astype(jnp.float16), bias)
 
 
 def _reference_attention(q, key, value, bias):
