@@ -1,5 +1,6 @@
-"""The compiled few-row CPU product against numpy, inside jit, loops and vmap; its build cache;
-when `layers.dense` uses it; and decoding with it against decoding with XLA's dot."""
+"""The compiled CPU decode kernels against float64 numpy, inside jit, loops and vmap; their
+build cache; when `layers.dense` and `dot_product_attention` use them; and decoding with them
+against decoding with XLA's ops."""
 
 import os
 import shutil
@@ -133,8 +134,10 @@ def _lowered(fn, *args) -> str:
 def test_dense_uses_the_kernel_only_for_few_float32_rows(monkeypatch):
     w = jnp.ones((16, 24), jnp.float32)
     few = jnp.ones((2, 1, 16), jnp.float32)  # a decode step: 2 rows
-    many = jnp.ones((4, cpu_kernels.MAX_ROWS, 16), jnp.float32)
+    most = jnp.ones((1, cpu_kernels.MAX_ROWS, 16), jnp.float32)
+    many = jnp.ones((1, cpu_kernels.MAX_ROWS + 1, 16), jnp.float32)
     assert cpu_kernels.MATMUL_TARGET in _lowered(layers.dense, few, w)
+    assert cpu_kernels.MATMUL_TARGET in _lowered(layers.dense, most, w)
     assert cpu_kernels.MATMUL_TARGET not in _lowered(layers.dense, many, w)
     assert cpu_kernels.MATMUL_TARGET not in _lowered(layers.dense, few.astype(jnp.bfloat16),
                                               w.astype(jnp.bfloat16))
@@ -191,6 +194,7 @@ def test_decoding_with_the_kernel_equals_decoding_with_xla_dot(monkeypatch):
         jax.clear_caches()  # the switch is read when the decode loop is traced
         return decoding.generate(module, params, tokens, max_decode_length=5, eos_id=-1)
 
+    assert cpu_kernels.enabled()
     tokens_k, scores_k = run()
     monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
     tokens_x, scores_x = run()
