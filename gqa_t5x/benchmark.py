@@ -26,6 +26,7 @@ greedy, fixed length) on the same inputs.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import statistics
@@ -404,6 +405,10 @@ def _run(config: TransformerConfig, settings: BenchmarkSettings, groups: list[in
             log(f"{name}: {measured['sample_s']:.3f} s/sample, {measured['step_ms']:.1f} "
                 f"ms/step ({time.perf_counter() - start:.0f} s)")
             del params
+            # Drop this variant's executables and buffers before timing the next: variants timed
+            # late in a long run otherwise ran up to 15% slower than in a fresh process.
+            jax.clear_caches()
+            gc.collect()
     if settings.compare_hf:
         log("transformers PyTorch T5 (MHA) ...")
         measured = time_hf(config.replace(num_kv_heads=config.num_heads), tokens, settings)
