@@ -101,18 +101,8 @@ def _attention(query, key, value, bias, dropout_rng, dropout_rate, dtype):
     # Queries of a group side by side, [B, K, G*T, H]: both contractions are then plain batched
     # matmuls over (B, K) in the layout XLA's CPU and GPU dot kernels want.
     q = query.reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4).reshape(b, k, g * t, h)
-    if t == 1 and 1 < g and jax.default_backend() == "cpu":
-        # A decode step on CPU without the compiled kernel: G matrix-vector products against each
-        # kv head's keys instead of one [G, H] x [H, S] product, which XLA's CPU kernels run
-        # several times below memory bandwidth; the second and later reads of a kv head's keys
-        # come from cache (config B's GQA-4 decode step, interleaved runs on a 2-core CPU:
-        # 19.7 -> 17.4 ms).
-        logits = jnp.stack([jnp.einsum("BKH,BKSH->BKS", q[:, :, i], key,
-                                       preferred_element_type=jnp.float32)
-                            for i in range(g)], axis=2)  # [B, K, G, S]
-    else:
-        logits = jnp.einsum("BKQH,BKSH->BKQS", q, key,
-                            preferred_element_type=jnp.float32)  # [B, K, G*T, S]
+    logits = jnp.einsum("BKQH,BKSH->BKQS", q, key,
+                        preferred_element_type=jnp.float32)  # [B, K, G*T, S]
     logits = logits.reshape(b, k, g, t, s)  # [B, K, G, T, S]
     if bias is not None:
         bias = jnp.broadcast_to(bias, (bias.shape[0], n) + bias.shape[2:])
