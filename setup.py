@@ -13,7 +13,10 @@ setuptools.setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     packages=setuptools.find_packages(include=["gqa_t5x", "gqa_t5x.*"]),
-    package_data={"gqa_t5x": ["csrc/*.cc", "csrc/*.h"]},  # compiled on first use (cpu_kernels.py)
+    package_data={
+        "gqa_t5x": ["gin/*/*.gin"],
+        "gqa_t5x.kernels": ["csrc/*.cc", "csrc/*.h"],  # compiled on first use
+    },
     python_requires=">=3.10",
     install_requires=[
         "numpy>=1.26",
@@ -45,12 +48,12 @@ setuptools.setup(
     },
     entry_points={
         "console_scripts": [
-            "gqa-demo=gqa_t5x.demo:main",
-            "gqa-convert=gqa_t5x.convert_cli:main",
-            "gqa-bench=gqa_t5x.bench_cli:main",
-            "gqa-train=gqa_t5x.run_cli:train_main",
-            "gqa-eval=gqa_t5x.run_cli:eval_main",
-            "gqa-infer=gqa_t5x.run_cli:infer_main",
+            "gqa-demo=gqa_t5x.cli.demo:main",
+            "gqa-convert=gqa_t5x.cli.convert:main",
+            "gqa-bench=gqa_t5x.cli.bench:main",
+            "gqa-train=gqa_t5x.cli.run:train_main",
+            "gqa-eval=gqa_t5x.cli.run:eval_main",
+            "gqa-infer=gqa_t5x.cli.run:infer_main",
         ],
     },
 )

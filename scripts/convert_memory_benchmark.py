@@ -26,8 +26,8 @@ import numpy as np
 import tensorstore as ts
 from flax import serialization
 
-from gqa_t5x.config import TransformerConfig
-from gqa_t5x.convert import param_shapes
+from gqa_t5x.conversion.pooling import param_shapes
+from gqa_t5x.model.config import TransformerConfig
 
 # Largest arrays: embedding and logits, 65536 x 4096 float32 = 1 GiB each; 4.6 GB in all.
 BENCH_CONFIG = TransformerConfig(vocab_size=65536, emb_dim=4096, num_heads=32, num_kv_heads=32,
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
               f"largest array {largest / gib:.2f} GiB")
 
         rc, _, overhead, output = run_measured(
-            "import gqa_t5x.convert_cli, flax.serialization\nrc = 0")
+            "import gqa_t5x.cli.convert, flax.serialization\nrc = 0")
         if rc:
             print(output)
             return rc
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
         argv = ["--input", src, "--output", out, "--num_kv_heads", str(args.num_kv_heads),
                 "--method", "mean"]
         rc, seconds, peak, output = run_measured(
-            f"from gqa_t5x.convert_cli import main\nrc = main({argv!r})")
+            f"from gqa_t5x.cli.convert import main\nrc = main({argv!r})")
         print(output.rstrip())
         if rc:
             return rc

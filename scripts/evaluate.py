@@ -3,7 +3,7 @@
 
 import sys
 
-from gqa_t5x.run_cli import eval_main, infer_main
+from gqa_t5x.cli.run import eval_main, infer_main
 
 if __name__ == "__main__":
     argv = sys.argv[1:]

@@ -16,7 +16,7 @@ import os
 import shutil
 import sys
 
-from gqa_t5x import sanity
+from gqa_t5x.experiments import sanity
 
 # Steps, batch and (constant) learning rate per task: each run is a few minutes on 2 CPU cores.
 # Summarize learns much faster at 0.03 (ROUGE-1 41 vs 25 after 300 steps). QA first learns the

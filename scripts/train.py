@@ -3,7 +3,7 @@
 
 import sys
 
-from gqa_t5x.run_cli import train_main
+from gqa_t5x.cli.run import train_main
 
 if __name__ == "__main__":
     sys.exit(train_main())

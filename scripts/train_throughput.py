@@ -27,8 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gqa_t5x import hf_mapping, models, optim, partitioning, train, train_state
-from gqa_t5x.config import TransformerConfig, get_config
+from gqa_t5x.checkpoints import hf as hf_mapping
+from gqa_t5x.model.config import TransformerConfig, get_config
+from gqa_t5x.training import models, optim, partitioning, train, train_state
 
 T5X_REFERENCE_TOKENS_PER_SEC = 643.0
 

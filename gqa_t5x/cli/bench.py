@@ -1,0 +1,77 @@
+"""`gqa-bench`: flags -> `benchmark.run_benchmark`; prints the table and where results went.
+
+Without --preset the model is the CPU benchmark shape (d_model 512, 8 heads x 64, mlp 1024,
+4 + 4 layers, vocab 32128); width flags override either.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gqa_t5x.experiments import benchmark
+from gqa_t5x.model.config import PRESETS, TransformerConfig, get_config
+
+_DEFAULT_SHAPE = dict(vocab_size=32128, emb_dim=512, num_heads=8, head_dim=64, mlp_dim=1024,
+                      num_encoder_layers=4, num_decoder_layers=4)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gqa-bench", description=__doc__.splitlines()[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), help="model size preset")
+    for name in ("emb_dim", "num_heads", "head_dim", "mlp_dim", "num_layers", "vocab_size"):
+        p.add_argument(f"--{name}", type=int, help="override the preset's " + name)
+    p.add_argument("--input_length", type=int, default=1024)
+    p.add_argument("--output_length", type=int, default=128, help="greedy steps (exactly)")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--groups", help="comma-separated GQA groups (default: divisors of heads)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs (median)")
+    p.add_argument("--recompute_cross_kv", action="store_true",
+                   help="also time re-projecting cross K/V every step (t5x/flaxformer)")
+    p.add_argument("--num_beams", type=int, default=0, help="also time beam search (0: no)")
+    p.add_argument("--compare_hf", action="store_true",
+                   help="also time transformers' PyTorch T5 generate (MHA, greedy)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output_dir", default="benchmark_results")
+    p.add_argument("--force", action="store_true", help="overwrite existing results")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TransformerConfig:
+    overrides = {}
+    for name in ("emb_dim", "num_heads", "head_dim", "mlp_dim", "vocab_size"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    if args.num_layers is not None:
+        overrides["num_encoder_layers"] = overrides["num_decoder_layers"] = args.num_layers
+    overrides["dtype"] = args.dtype
+    if args.preset:
+        config = get_config(args.preset)
+    else:
+        config = TransformerConfig(**_DEFAULT_SHAPE, num_kv_heads=_DEFAULT_SHAPE["num_heads"])
+    heads = overrides.get("num_heads", config.num_heads)
+    return config.replace(**overrides, num_kv_heads=heads)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = config_from_args(args)
+    settings = benchmark.BenchmarkSettings(
+        input_length=args.input_length, output_length=args.output_length,
+        batch_size=args.batch_size, groups=benchmark.parse_groups(args.groups),
+        repeats=args.repeats, recompute_cross_kv=args.recompute_cross_kv,
+        compare_hf=args.compare_hf, num_beams=args.num_beams, seed=args.seed)
+    try:
+        results = benchmark.run_benchmark(config, settings, args.output_dir, force=args.force)
+    except (FileExistsError, ValueError) as e:
+        print(f"gqa-bench: {e}", file=sys.stderr)
+        return 2
+    print(benchmark.format_table(results))
+    for path in results["paths"]:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""`gqa-convert`: convert an MHA (or GQA) checkpoint to GQA/MQA, streaming one array at a time.
+
+    gqa-convert --input PATH --output PATH --num_kv_heads G [--method mean|first|random]
+        [--seed N] [--grouped decoder_self,cross[,encoder_self]]
+        [--input_format auto|gqa_t5x|t5x|hf] [--model_preset NAME | --config_json FILE] [--force]
+
+The work is `gqa_t5x.conversion.convert_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from gqa_t5x.checkpoints import FORMATS
+from gqa_t5x.checkpoints.t5x import read_json
+from gqa_t5x.conversion.pooling import METHODS
+from gqa_t5x.conversion.streaming import convert_checkpoint
+from gqa_t5x.model.config import ATTENTION_KINDS, PRESETS, TransformerConfig
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="gqa-convert", description=__doc__.split("\n\n")[0])
+    p.add_argument("--input", required=True, help="checkpoint folder to convert")
+    p.add_argument("--input_format", default="auto", choices=("auto",) + FORMATS)
+    p.add_argument("--output", required=True, help="folder for the converted checkpoint")
+    p.add_argument("--num_kv_heads", type=int, required=True,
+                   help="kv heads of the grouped attentions (1 = MQA)")
+    p.add_argument("--method", default="mean", choices=METHODS)
+    p.add_argument("--seed", type=int, default=0, help="seed for --method random")
+    p.add_argument("--grouped", default=None,
+                   help="attentions to group, comma-separated from " + ",".join(ATTENTION_KINDS)
+                   + " (default: those the source groups; decoder_self,cross for MHA)")
+    config = p.add_mutually_exclusive_group()
+    config.add_argument("--model_preset", choices=sorted(PRESETS),
+                        help="source config for a t5x checkpoint (default: inferred from shapes)")
+    config.add_argument("--config_json", help="source TransformerConfig JSON for a t5x checkpoint")
+    p.add_argument("--force", action="store_true", help="replace an existing --output")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+    source_config = None
+    try:
+        if args.model_preset:
+            source_config = PRESETS[args.model_preset]
+        elif args.config_json:
+            source_config = TransformerConfig.from_dict(read_json(args.config_json))
+        grouped = None
+        if args.grouped is not None:
+            grouped = tuple(g.strip() for g in args.grouped.split(",") if g.strip())
+        summary = convert_checkpoint(
+            args.input, args.output, args.num_kv_heads, method=args.method, seed=args.seed,
+            grouped=grouped, input_format=args.input_format, source_config=source_config,
+            force=args.force)
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
+        print(f"gqa-convert: error: {e}", file=sys.stderr)
+        return 1
+    print(summary.format())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""`gqa-demo`: MHA -> GQA-G -> MQA by mean pooling on a small random model, decoding each.
+
+The work is `gqa_t5x.experiments.demo.run_demo`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from gqa_t5x.experiments.demo import DEMO_CONFIG, format_rows, run_demo
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--input_length", type=int, default=256)
+    parser.add_argument("--output_length", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    cfg = DEMO_CONFIG
+    print(f"model: {cfg.num_encoder_layers}+{cfg.num_decoder_layers} layers, d_model "
+          f"{cfg.emb_dim}, {cfg.num_heads} heads x {cfg.head_dim}, vocab {cfg.vocab_size}; "
+          f"batch {args.batch_size}, input {args.input_length}, {args.output_length} greedy "
+          f"steps; decoder self- and cross-attention grouped, key/value heads mean-pooled")
+    rows = run_demo(cfg, args.batch_size, args.input_length, args.output_length, args.seed)
+    print(format_rows(rows))
+
+
+if __name__ == "__main__":
+    main()

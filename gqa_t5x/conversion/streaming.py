@@ -1,0 +1,147 @@
+"""The streaming converter: an MHA (or GQA) checkpoint to GQA/MQA, one array at a time.
+
+`convert_checkpoint` reads each array from the source (t5x legacy or orbax, Hugging Face T5.1.1,
+or our own format), pools it if it is a grouped key/value kernel (pooling.py) and writes it to
+our checkpoint format before reading the next, so memory holds about one array: the output gets
+`config.json`, `conversion.json` (this summary) and `checkpoint_<step>/`, a t5x legacy checkpoint
+at the source step that t5x restores as INITIAL_CHECKPOINT_PATH. The output is written to a
+hidden sibling folder and renamed at the end: a crash leaves nothing at the output path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Sequence
+
+from gqa_t5x.checkpoints import CheckpointWriter, open_checkpoint, step_dir
+from gqa_t5x.checkpoints.t5x import infer_config_from_shapes
+from gqa_t5x.conversion.pooling import (
+    METHODS,
+    check_conversion,
+    check_shapes,
+    convert_array,
+    count_params,
+    param_shapes,
+)
+from gqa_t5x.model.config import ATTENTION_KINDS, TransformerConfig, with_kv_heads
+
+CONVERSION_FILE = "conversion.json"
+
+
+@dataclasses.dataclass
+class ConversionSummary:
+    input: str
+    input_format: str
+    output: str
+    method: str
+    seed: int
+    source_config: TransformerConfig
+    target_config: TransformerConfig
+    step: int
+    num_arrays: int
+    largest_array_bytes: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["source_config"] = self.source_config.to_dict()
+        d["target_config"] = self.target_config.to_dict()
+        return d
+
+    def format(self) -> str:
+        src, tgt = self.source_config, self.target_config
+        kv = ", ".join(f"{k} {src.kv_heads(k)} -> {tgt.kv_heads(k)}" for k in ATTENTION_KINDS)
+        self_before, self_after = (c.decode_cache_bytes_per_token(0) for c in (src, tgt))
+        cross_before, cross_after = (c.decode_cache_bytes_per_token(1)
+                                     - c.decode_cache_bytes_per_token(0) for c in (src, tgt))
+        lines = [
+            f"converted {self.input} ({self.input_format}) -> {self.output}",
+            f"  method {self.method}, seed {self.seed}; kv heads: {kv}",
+            f"  parameters: {count_params(src):,} -> {count_params(tgt):,}",
+            f"  decode KV cache bytes per generated token ({src.dtype}): "
+            f"{self_before:,} -> {self_after:,}",
+            f"  cross-attention KV cache bytes per input token: {cross_before:,} -> "
+            f"{cross_after:,}",
+            f"  {self.num_arrays} arrays, largest {_size(self.largest_array_bytes)}; "
+            f"step {self.step}; {self.seconds:.1f} s",
+            f"  t5x checkpoint (INITIAL_CHECKPOINT_PATH): {step_dir(self.output, self.step)}",
+        ]
+        return "\n".join(lines)
+
+
+def _size(num_bytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.1f} {unit}"
+    return f"{num_bytes} B"
+
+
+def convert_checkpoint(input_path: str, output_path: str, num_kv_heads: int,
+                       method: str = "mean", seed: int = 0,
+                       grouped: Sequence[str] | None = None, input_format: str = "auto",
+                       source_config: TransformerConfig | None = None,
+                       force: bool = False) -> ConversionSummary:
+    """Convert the checkpoint at `input_path` to `num_kv_heads` kv heads in the `grouped`
+    attentions (default: those the source groups, decoder self and cross for MHA) and write our
+    checkpoint format to `output_path`.
+
+    `source_config` is needed only for t5x checkpoints whose shapes do not determine it
+    (otherwise it is inferred; `relative_attention_max_distance` then stays 128).
+    """
+    start = time.perf_counter()
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    output_path = os.path.abspath(output_path)
+    if os.path.exists(output_path) and not force:
+        raise FileExistsError(f"output {output_path} already exists; pass --force to replace it")
+    if os.path.abspath(input_path) == output_path:
+        raise ValueError(f"output {output_path} is the input; write to another folder")
+
+    reader = open_checkpoint(input_path, input_format, source_config)
+    shapes = reader.shapes()
+    source = reader.config or infer_config_from_shapes(shapes)
+    check_shapes(shapes, param_shapes(source), where=f"checkpoint {input_path}")
+    target = with_kv_heads(source, num_kv_heads, grouped)
+    check_conversion(source, target)
+
+    parent, name = os.path.split(output_path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+    largest = 0
+    try:
+        writer = CheckpointWriter(tmp, target, step=reader.step)
+        for path in shapes:
+            array = reader.read(path)
+            largest = max(largest, array.nbytes)
+            writer.write(path, convert_array(path, array, source, target, method, seed))
+            del array
+        writer.close()
+        summary = ConversionSummary(
+            input=os.path.abspath(input_path), input_format=reader.format, output=output_path,
+            method=method, seed=seed, source_config=source, target_config=target,
+            step=reader.step, num_arrays=len(shapes), largest_array_bytes=largest,
+            seconds=time.perf_counter() - start)
+        with open(os.path.join(tmp, CONVERSION_FILE), "w") as f:
+            json.dump(summary.to_dict(), f, indent=2)
+        _replace(tmp, output_path)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _replace(tmp: str, output_path: str) -> None:
+    """Move `tmp` to `output_path`, replacing what is there only once `tmp` is complete."""
+    if not os.path.exists(output_path):
+        os.rename(tmp, output_path)
+        return
+    old = f"{tmp}.old"
+    os.rename(output_path, old)
+    os.rename(tmp, output_path)
+    shutil.rmtree(old)

@@ -1,0 +1,2 @@
+"""Experiments on top of the library: the decode benchmark, the synthetic sanity runs, the demo and
+the reproduction driver."""

@@ -1,0 +1,255 @@
+"""Grouped-query attention, written once for MHA (K == N), GQA (1 < K < N) and MQA (K == 1).
+
+Query head n attends with key/value head n // G, where G = N // K: groups are contiguous heads,
+the same groups `convert.pool_kv_heads` pools. Queries are reshaped to [B, T, K, G, H] and
+contracted against [B, K, S, H] keys, so no key/value head is ever copied.
+
+Axis letters: B batch, T query length, S key length, D model width, N query heads, K kv heads,
+G query heads per kv head (N // K), H head width.
+
+Decode cache (collection `cache`, batch first, only K heads):
+  self-attention   cached_key, cached_value  [B, K, L, H]  L = max_decode_length; step t writes
+                   position t (the decoder's `cache_index`), later positions are masked.
+  cross-attention  cached_key, cached_value  [B, K, S, H]  projected from the encoder output once,
+                   when the cache is created, and only read at each step.
+[B, K, S, H] is the layout the step reads: the contraction over H with batch axes (B, K) needs
+no transpose.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gqa_t5x.kernels import cpu as cpu_kernels
+from gqa_t5x.model import layers
+
+NEG_INF = -1e10
+
+
+# ---- masks (pure) -------------------------------------------------------------------------------
+
+
+def make_attention_mask(query_input, key_input, pairwise_fn=jnp.multiply):
+    """[B, T] x [B, S] -> bool mask [B, 1, T, S] where pairwise_fn(query, key) is nonzero."""
+    mask = pairwise_fn(query_input[:, :, None], key_input[:, None, :])
+    return mask[:, None].astype(bool)
+
+
+def make_causal_mask(length: int):
+    """[1, 1, T, T] bool: query t sees keys <= t."""
+    idx = jnp.arange(length)
+    return (idx[None, :] <= idx[:, None])[None, None]
+
+
+def make_decoder_mask(decoder_target_tokens, decoder_segment_ids=None):
+    """Causal and padding (target token 0) mask, within segments when packed: [B, 1, T, T]."""
+    mask = make_causal_mask(decoder_target_tokens.shape[-1])
+    mask = mask & make_attention_mask(decoder_target_tokens > 0, decoder_target_tokens > 0)
+    if decoder_segment_ids is not None:
+        mask = mask & make_attention_mask(decoder_segment_ids, decoder_segment_ids, jnp.equal)
+    return mask
+
+
+def mask_to_bias(mask, dtype=jnp.float32):
+    """bool mask -> additive bias (0 where allowed, -1e10 where masked), same shape."""
+    return jnp.where(mask, 0.0, NEG_INF).astype(dtype)
+
+
+# ---- attention (pure) ---------------------------------------------------------------------------
+
+
+def dot_product_attention(query, key, value, bias=None, *, dropout_rng=None, dropout_rate=0.0,
+                          dtype=jnp.float32):
+    """Grouped dot-product attention without logit scaling (T5 folds it into the query init).
+
+    Args:
+      query: [B, T, N, H].
+      key, value: [B, K, S, H] with N % K == 0.
+      bias: additive, broadcastable to [B, N, T, S] (masks and relative position bias).
+    Returns:
+      [B, T, N, H].
+
+    A decode step (T == 1, no dropout, float32) on CPU runs in the compiled
+    `cpu_kernels.decode_attention`, which reads each kv head's keys and values once for its G
+    queries; its gradient is this function's XLA path.
+    """
+    b, t, n, h = query.shape
+    k = key.shape[1]
+    if key.shape != value.shape or key.shape[0] != b or key.shape[3] != h:
+        raise ValueError(f"key {key.shape} / value {value.shape} do not fit query {query.shape}")
+    if n % k:
+        raise ValueError(f"{n} query heads are not divisible by {k} kv heads")
+    dropout = dropout_rng is not None and dropout_rate > 0.0
+    if (t == 1 and not dropout and jnp.dtype(dtype) == jnp.float32
+            and cpu_kernels.attention_applies(query, key, value)):
+        s = key.shape[2]
+        bias = jnp.zeros((), jnp.float32) if bias is None else bias.astype(jnp.float32)
+        bias = jnp.broadcast_to(bias, (b, n, 1, s)).reshape(b, k, n // k, s)  # [B, K, G, S]
+        out = _kernel_step(query.reshape(b, k, n // k, h), key, value, bias)  # [B, K, G, H]
+        return out.reshape(b, 1, n, h)
+    return _attention(query, key, value, bias, dropout_rng if dropout else None, dropout_rate,
+                      dtype)
+
+
+def _attention(query, key, value, bias, dropout_rng, dropout_rate, dtype):
+    """dot_product_attention in XLA ops."""
+    b, t, n, h = query.shape
+    k = key.shape[1]
+    g = n // k
+    s = key.shape[2]
+    # Queries of a group side by side, [B, K, G*T, H]: both contractions are then plain batched
+    # matmuls over (B, K) in the layout XLA's CPU and GPU dot kernels want.
+    q = query.reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4).reshape(b, k, g * t, h)
+    logits = jnp.einsum("BKQH,BKSH->BKQS", q, key,
+                        preferred_element_type=jnp.float32)  # [B, K, G*T, S]
+    logits = logits.reshape(b, k, g, t, s)  # [B, K, G, T, S]
+    if bias is not None:
+        bias = jnp.broadcast_to(bias, (bias.shape[0], n) + bias.shape[2:])
+        logits = logits + bias.reshape(bias.shape[0], k, g, *bias.shape[2:]).astype(jnp.float32)
+    # Softmax with the normalization applied after the value contraction: one pass fewer over
+    # the [B, N, T, S] weights, dividing the [B, N, T, H] output instead.
+    logits_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    unnormalized = jnp.exp(logits - logits_max)  # [B, K, G, T, S]
+    denominator = jnp.sum(unnormalized, axis=-1, keepdims=True)  # [B, K, G, T, 1]
+    if dropout_rng is not None:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, unnormalized.shape)
+        unnormalized = jnp.where(keep, unnormalized / (1.0 - dropout_rate), 0.0)
+    weights = unnormalized.astype(dtype).reshape(b, k, g * t, s)
+    out = jnp.einsum("BKQS,BKSH->BKQH", weights, value,
+                     preferred_element_type=jnp.float32)  # [B, K, G*T, H]
+    out = out.reshape(b, k, g, t, h) / denominator  # [B, K, G, T, H]
+    return out.astype(dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
+@jax.custom_vjp
+def _kernel_step(q, key, value, bias):
+    """q [B, K, G, H], key/value [B, K, S, H], bias [B, K, G, S] -> [B, K, G, H] by the kernel."""
+    return cpu_kernels.decode_attention(q, key, value, bias)
+
+
+def _kernel_step_fwd(q, key, value, bias):
+    return _kernel_step(q, key, value, bias), (q, key, value, bias)
+
+
+def _kernel_step_bwd(residuals, g):
+    def xla_step(q, key, value, bias):  # the same step in XLA ops: [B, K, G, H]
+        b, k, gs, h = q.shape
+        out = _attention(q.reshape(b, 1, k * gs, h), key, value,
+                         bias.reshape(b, k * gs, 1, -1), None, 0.0, jnp.float32)
+        return out.reshape(b, k, gs, h)
+
+    return jax.vjp(xla_step, *residuals)[1](g)
+
+
+_kernel_step.defvjp(_kernel_step_fwd, _kernel_step_bwd)
+
+
+# ---- the module ---------------------------------------------------------------------------------
+
+
+class GroupedQueryAttention(nn.Module):
+    """Attention with `num_heads` query heads and `num_kv_heads` key/value heads.
+
+    Kernels, t5x names and joined layouts: query [D, N*H], key and value [D, K*H], out [N*H, D].
+    `cross=True` makes it encoder-decoder attention, whose decode cache is filled once from the
+    encoder output; with `recompute_cross_kv` it is re-projected at every step instead (the t5x
+    and flaxformer behaviour, kept for benchmarks).
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    dropout_rate: float = 0.0
+    dtype: jnp.dtype = jnp.float32
+    cross: bool = False
+    recompute_cross_kv: bool = False
+
+    def _project_kv(self, inputs_kv):
+        """[B, S, D] -> key, value [B, K, S, H], with the `key` and `value` kernels."""
+        b, s, _ = inputs_kv.shape
+        k, h = self.num_kv_heads, self.head_dim
+        kv_axes = (layers.EMBED, layers.KV_JOINED)
+        key = layers.DenseJoined(k * h, kv_axes, layers.default_kernel_init, self.dtype,
+                                 name="key")(inputs_kv)
+        value = layers.DenseJoined(k * h, kv_axes, layers.default_kernel_init, self.dtype,
+                                   name="value")(inputs_kv)
+        key = key.reshape(b, s, k, h).transpose(0, 2, 1, 3)  # [B, K, S, H]
+        value = value.reshape(b, s, k, h).transpose(0, 2, 1, 3)  # [B, K, S, H]
+        return key, value
+
+    @nn.compact
+    def __call__(self, inputs_q, inputs_kv, bias=None, *, decode: bool = False,
+                 cache_index=None, max_decode_length: int | None = None,
+                 enable_dropout: bool = False):
+        """inputs_q [B, T, D], inputs_kv [B, S, D], bias broadcastable to [B, N, T, S].
+
+        With decode=True the first call creates the cache (for self-attention, zeros of length
+        max_decode_length, or of the input's length T when it is None; for cross-attention, the
+        projected encoder output); later calls take one token (T == 1) at `cache_index` and read
+        keys/values from the cache.
+        """
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not divisible by "
+                             f"num_kv_heads={self.num_kv_heads}")
+        b, t, d = inputs_q.shape
+        query = layers.DenseJoined(self.num_heads * self.head_dim,
+                                   (layers.EMBED, layers.JOINED_KV),
+                                   layers.query_kernel_init(self.head_dim), self.dtype,
+                                   name="query")(inputs_q)
+        query = query.reshape(b, t, self.num_heads, self.head_dim)  # [B,T,N,H]
+        query = layers.with_sharding_constraint(query, (layers.BATCH, layers.LENGTH,
+                                                        layers.HEADS, None))
+        if not decode:
+            key, value = self._project_kv(inputs_kv)
+        elif self.cross:
+            key, value = self._cross_cache(inputs_kv)
+        else:
+            key, value = self._self_cache(inputs_kv, cache_index, max_decode_length)
+
+        dropout_rng = None
+        if enable_dropout and self.dropout_rate > 0.0:
+            dropout_rng = self.make_rng("dropout")
+        out = dot_product_attention(query, key, value, bias, dropout_rng=dropout_rng,
+                                    dropout_rate=self.dropout_rate, dtype=self.dtype)
+        out = out.reshape(b, t, self.num_heads * self.head_dim)  # [B, T, N*H]
+        return layers.DenseJoined(d, (layers.JOINED_KV, layers.EMBED), layers.default_kernel_init,
+                                  self.dtype, name="out")(out)
+
+    def _cross_cache(self, inputs_kv):
+        initialized = self.has_variable("cache", "cached_key")
+        if initialized and self.recompute_cross_kv:
+            return self._project_kv(inputs_kv)
+        if initialized:
+            return (self.get_variable("cache", "cached_key"),
+                    self.get_variable("cache", "cached_value"))
+        key, value = self._project_kv(inputs_kv)  # [B, K, S, H], once per input
+        self.put_variable("cache", "cached_key", key)
+        self.put_variable("cache", "cached_value", value)
+        return key, value
+
+    def _self_cache(self, inputs_kv, cache_index, max_decode_length):
+        b, t, _ = inputs_kv.shape
+        initialized = self.has_variable("cache", "cached_key")
+        key, value = self._project_kv(inputs_kv)  # [B, K, T, H]
+        if not initialized:
+            # Without max_decode_length the cache is as long as this call's input: t5x creates
+            # the cache from full-length dummy targets.
+            length = t if max_decode_length is None else max_decode_length
+            shape = (b, self.num_kv_heads, length, self.head_dim)
+            self.put_variable("cache", "cached_key", jnp.zeros(shape, key.dtype))
+            self.put_variable("cache", "cached_value", jnp.zeros(shape, value.dtype))
+            return key, value  # the creating call's output is not used
+        if t != 1:
+            raise ValueError(f"a decode step takes one token per sequence, got length {t}")
+        cached_key = self.get_variable("cache", "cached_key")
+        cached_value = self.get_variable("cache", "cached_value")
+        cached_key = jax.lax.dynamic_update_slice(cached_key, key.astype(cached_key.dtype),
+                                                  (0, 0, cache_index, 0))
+        cached_value = jax.lax.dynamic_update_slice(cached_value,
+                                                    value.astype(cached_value.dtype),
+                                                    (0, 0, cache_index, 0))
+        self.put_variable("cache", "cached_key", cached_key)
+        self.put_variable("cache", "cached_value", cached_value)
+        return cached_key, cached_value  # [B, K, L, H]

@@ -1,0 +1,389 @@
+"""Pre-training, uptraining and fine-tuning: `train(model_dir, ...)`, the function behind
+`gqa-train`, configured with gin (see gin/runs/).
+
+The run, top to bottom:
+1. mesh (`data` x `model`) and model; the batch size must divide over `data`;
+2. state: resume from the newest complete checkpoint in `model_dir` if there is one; else start
+   from `initial_checkpoint_path` (a converted or earlier checkpoint: params only, fresh Adafactor
+   state; the step continues from the checkpoint's, or restarts at 0 with
+   `initial_step_mode="restart"`); else random initialization;
+3. data: the seqio task's train split, shuffled with `shuffle_seed`, repeated, packed, batched;
+   after a resume the stream skips the examples already seen, so the order is that of an
+   uninterrupted run;
+4. loop: jitted train step; every `log_every` steps a progress line, metrics.jsonl and
+   TensorBoard; every `eval.every_steps` the validation evaluation; every `checkpoint_every`
+   steps, after each evaluation and at the end, a checkpoint.
+
+A non-finite loss or gradient stops the run with `NonFiniteLossError` before anything is saved
+from the bad step on, so the newest checkpoint is the last good one.
+
+The step budget: `train_steps` is the final global step (as in t5x). With `uptrain_fraction`
+instead, the run trains for `uptrain_fraction x` the initial checkpoint's step count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import seqio
+
+from gqa_t5x.data.registry import get_mixture_or_task
+from gqa_t5x.model import shapes
+from gqa_t5x.model.config import TransformerConfig
+from gqa_t5x.training import evaluate, models, optim, partitioning, run_log, train_state
+from gqa_t5x.training.train_state import TrainState
+
+STEP_MODES = ("continue", "restart")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or gradient became NaN or infinite."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    model_dir: str
+    step: int
+    checkpoint: str | None
+    train_metrics: dict[str, float]
+    eval_metrics: dict[str, float]
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+
+def check_vocabulary(task, config: TransformerConfig) -> None:
+    """The model must embed every id the task's vocabularies produce (JAX gathers clamp silently
+    out-of-range ids, which would train on garbage)."""
+    for name, feature in task.output_features.items():
+        size = feature.vocabulary.vocab_size
+        if size > config.vocab_size:
+            raise ValueError(
+                f"task {task.name!r} feature {name!r} has a vocabulary of {size} ids but the "
+                f"model's vocab_size is {config.vocab_size}; set "
+                f"gqa_t5x.models.model_config.vocab_size to at least {size}")
+
+
+def train_dataset(name: str, feature_lengths: Mapping[str, int], batch_size: int, *,
+                  shuffle_seed: int, pack: bool = True, skip_examples: int = 0,
+                  shard_info: seqio.ShardInfo | None = None, use_cached: bool = False):
+    """Batches of model features (numpy) of the train split, repeated forever.
+
+    The stream is a pure function of the arguments: shuffled with `shuffle_seed`, then
+    `skip_examples` (packed) examples dropped, then batched, so that a resumed run continues
+    where the interrupted one stopped.
+    """
+    get_mixture_or_task(name)
+    ds = seqio.get_dataset(
+        name, task_feature_lengths=dict(feature_lengths),
+        feature_converter=seqio.EncDecFeatureConverter(pack=pack), dataset_split="train",
+        use_cached=use_cached, shuffle=True, num_epochs=None, shard_info=shard_info,
+        seed=shuffle_seed, verbose=False)
+    ds = ds.skip(skip_examples).batch(batch_size, drop_remainder=True)
+    return ds.prefetch(2).as_numpy_iterator()
+
+
+# ---- the step -----------------------------------------------------------------------------------
+
+
+def train_step(model: models.EncoderDecoderModel, tx: optax.GradientTransformation,
+               schedule: optim.Schedule, dropout_key, state: TrainState, batch):
+    """One Adafactor update; returns (new state, metric sums of the batch).
+
+    The learning rate is `schedule(state.step)`: the global step, which uptraining continues.
+    Dropout masks depend on (dropout_key, step) only, so a resumed run draws the same masks.
+    """
+    rng = jax.random.fold_in(dropout_key, state.step) if model.config.dropout_rate > 0 else None
+    (objective, sums), grads = jax.value_and_grad(model.loss_fn, has_aux=True)(
+        state.params, batch, rng)
+    direction, opt_state = tx.update(grads, state.opt_state, state.params)
+    lr = schedule(state.step)
+    params = jax.tree_util.tree_map(lambda p, d: p + lr * d, state.params, direction)
+    metrics = dict(sums, objective=objective, learning_rate=lr,
+                   grad_norm=optax.global_norm(grads))
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def _sum_metrics(records: list[dict[str, np.ndarray]]) -> dict[str, float]:
+    sums = {k: float(np.sum([r[k] for r in records]))
+            for k in ("cross_ent_sum", "z_loss_sum", "correct", "weight_sum", "num_examples")}
+    out = models.summarize_metrics(sums)
+    out["learning_rate"] = float(records[-1]["learning_rate"])
+    out["grad_norm"] = float(np.mean([r["grad_norm"] for r in records]))
+    return out
+
+
+# ---- initial state ------------------------------------------------------------------------------
+
+
+def _check_same_model(saved: TransformerConfig, current: TransformerConfig, where: str) -> None:
+    a, b = saved.replace(dropout_rate=0.0).to_dict(), current.replace(dropout_rate=0.0).to_dict()
+    diff = [k for k in a if a[k] != b[k]]
+    if diff:
+        raise ValueError(f"{where} holds a model with " + ", ".join(
+            f"{k}={a[k]!r}" for k in diff) + " but this run's model has " + ", ".join(
+            f"{k}={b[k]!r}" for k in diff) + "; use another MODEL_DIR or the matching model gin "
+            "file")
+
+
+def _initial_params(path: str, config: TransformerConfig, abstract_params):
+    """(params as numpy, step) from an initial checkpoint, checked against the model."""
+    params, saved_config, step = train_state.read_params(path)
+    want = {partitioning.path_keys(p): tuple(x.shape)
+            for p, x in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
+    got = shapes.tree_shapes(params)
+    hint = ""
+    if saved_config is not None and saved_config.num_kv_heads != config.num_kv_heads:
+        hint = (f" (the checkpoint has num_kv_heads={saved_config.num_kv_heads}, the model "
+                f"{config.num_kv_heads}: convert it first with gqa-convert)")
+    try:
+        shapes.check_shapes(got, want, f"initial checkpoint {path}")
+    except ValueError as e:
+        raise ValueError(f"{e}{hint}") from None
+    return params, step
+
+
+# ---- the run ------------------------------------------------------------------------------------
+
+
+@gin.configurable(module="gqa_t5x.train")
+def train(
+    model_dir: str = gin.REQUIRED,
+    *,
+    mixture_or_task_name: str = gin.REQUIRED,
+    task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
+    batch_size: int = gin.REQUIRED,
+    train_steps: int | None = None,
+    model: models.EncoderDecoderModel | None = None,
+    schedule: optim.Schedule | None = None,
+    optimizer: optax.GradientTransformation | None = None,
+    initial_checkpoint_path: str | None = None,
+    initial_step_mode: str = "continue",
+    initial_checkpoint_step: int | None = None,
+    uptrain_fraction: float | None = None,
+    pack: bool = True,
+    shuffle_seed: int = 0,
+    seed: int = 0,
+    model_parallel: int = 1,
+    checkpoint_every: int = 1000,
+    keep_checkpoints: int = 3,
+    log_every: int = 100,
+    eval_settings: evaluate.EvalSettings | None = None,
+    use_cached: bool = False,
+    stream=None,
+) -> TrainResult:
+    """Trains until global step `train_steps` (see the module docstring); returns where it went.
+
+    Args:
+      model_dir: checkpoints, metrics.jsonl, TensorBoard logs, config.gin.
+      mixture_or_task_name, task_feature_lengths: the seqio train data and its lengths.
+      batch_size: global batch (all processes), a multiple of the mesh's data axis.
+      train_steps: final global step. Exclusive with `uptrain_fraction`.
+      model: default `models.build_model()` (gin-configured).
+      schedule: learning rate of the global step; default `optim.rsqrt_schedule()`.
+      optimizer: default `optim.adafactor()` (a direction; the schedule scales it).
+      initial_checkpoint_path: params to start from when `model_dir` has no checkpoint: a
+        training checkpoint (`checkpoint_<step>` or a model dir) or a params checkpoint.
+      initial_step_mode: "continue" the initial checkpoint's step (and schedule) or "restart"
+        at step 0.
+      initial_checkpoint_step: the initial checkpoint's step where it records none (Hugging Face
+        checkpoints; public T5.1.1: 1_000_000); replaces the recorded one when given.
+      uptrain_fraction: train for this fraction of the initial checkpoint's steps.
+      pack: pack examples (t5x's pre-training default).
+      shuffle_seed, seed: data order; parameter init and dropout.
+      model_parallel: devices per model replica (the mesh's model axis).
+      checkpoint_every, keep_checkpoints, log_every: in steps.
+      eval_settings: periodic evaluation and best-checkpoint selection; None for none.
+      stream: where progress lines go (default stdout).
+    """
+    if initial_step_mode not in STEP_MODES:
+        raise ValueError(f"initial_step_mode={initial_step_mode!r} is not one of {STEP_MODES}")
+    if (train_steps is None) == (uptrain_fraction is None):
+        raise ValueError("set exactly one of train_steps (TRAIN_STEPS) and uptrain_fraction "
+                         "(UPTRAIN_FRACTION)")
+    if uptrain_fraction is not None and not initial_checkpoint_path:
+        raise ValueError("uptrain_fraction (UPTRAIN_FRACTION) needs initial_checkpoint_path "
+                         "(INITIAL_CHECKPOINT_PATH): the fraction is of its step count")
+    model = model if model is not None else models.build_model()
+    schedule = schedule if schedule is not None else optim.rsqrt_schedule()
+    tx = optimizer if optimizer is not None else optim.adafactor()
+    config = model.config
+    check_vocabulary(get_mixture_or_task(mixture_or_task_name), config)
+    mesh = partitioning.create_mesh(model_parallel)
+    host_batch = partitioning.check_batch_size(batch_size, mesh)
+    lengths = dict(task_feature_lengths)
+    input_shapes = {"encoder_input_tokens": (1, lengths["inputs"]),
+                    "decoder_input_tokens": (1, lengths["targets"])}
+    log = run_log.RunLog(model_dir, stream)
+    manager = train_state.checkpoint_manager(
+        model_dir, keep=keep_checkpoints,
+        best_metric=eval_settings.best_metric if eval_settings else None,
+        best_mode=eval_settings.best_mode if eval_settings else "max")
+
+    # -- state
+    latest = manager.latest_step()
+    run_info: dict[str, Any] = {"examples_seen": 0, "start_step": 0}
+    if latest is not None:
+        saved = train_state.read_config(train_state.step_dir(model_dir, latest))
+        _check_same_model(saved, config, f"MODEL_DIR {model_dir}")
+        state, shardings = _abstract_state(model, tx, mesh, input_shapes, seed)
+        state, run_info = train_state.restore(manager, latest, state)
+        log.print(f"resuming from {train_state.step_dir(model_dir, latest)} "
+                  f"({run_info['examples_seen']} examples seen)")
+    else:
+        params, start_step = None, 0
+        if initial_checkpoint_path:
+            abstract, _ = _abstract_state(model, tx, mesh, input_shapes, seed)
+            params, source_step = _initial_params(initial_checkpoint_path, config,
+                                                  abstract.params)
+            if initial_checkpoint_step is not None:
+                source_step = int(initial_checkpoint_step)
+            if uptrain_fraction is not None and source_step <= 0:
+                raise ValueError(f"initial checkpoint {initial_checkpoint_path} records no step, "
+                                 "so uptrain_fraction has nothing to take a fraction of; set "
+                                 "initial_checkpoint_step (INITIAL_CHECKPOINT_STEP)")
+            start_step = source_step if initial_step_mode == "continue" else 0
+            run_info.update(initial_checkpoint=initial_checkpoint_path, source_step=source_step)
+            log.print(f"starting from {initial_checkpoint_path} (step {source_step}), "
+                      f"fresh optimizer state, step {start_step}")
+        state, shardings = train_state.create_train_state(model, tx, mesh, input_shapes, seed,
+                                                          params)
+        if start_step:
+            state = state.replace(step=jax.device_put(jnp.asarray(start_step, jnp.int32),
+                                                      shardings.step))
+        run_info["start_step"] = start_step
+        if uptrain_fraction is not None:
+            run_info["train_steps"] = start_step + int(round(uptrain_fraction * source_step))
+    if train_steps is None:
+        train_steps = run_info.get("train_steps")
+        if train_steps is None:
+            raise ValueError(f"{model_dir}: uptrain_fraction given but the checkpoint records no "
+                             "step budget; set train_steps")
+    step = int(jax.device_get(state.step))
+    run_info.update(train_steps=train_steps, batch_size=batch_size, task=mixture_or_task_name,
+                    shuffle_seed=shuffle_seed)
+    _write_run_files(model_dir, config)
+
+    # -- data, step function, evaluation
+    batches = train_dataset(mixture_or_task_name, lengths, host_batch,
+                            shuffle_seed=shuffle_seed, pack=pack,
+                            skip_examples=run_info["examples_seen"] // jax.process_count(),
+                            shard_info=partitioning.data_shard_info()
+                            if jax.process_count() > 1 else None, use_cached=use_cached)
+    step_fn = jax.jit(
+        functools.partial(train_step, model, tx, schedule, jax.random.PRNGKey(seed + 1)),
+        in_shardings=(shardings, partitioning.batch_sharding(mesh)),
+        out_shardings=(shardings, partitioning.replicated(mesh)), donate_argnums=0)
+    evaluator = None
+    if eval_settings is not None and eval_settings.every_steps:
+        evaluator = evaluate.TaskEvaluator(
+            model, mesh, eval_settings.with_defaults(mixture_or_task_name, lengths),
+            log_dir=model_dir)
+    tokens_per_step = batch_size * (lengths["inputs"] + lengths["targets"])
+
+    # -- loop
+    pending: list[tuple[int, Any]] = []
+    train_metrics: dict[str, float] = {}
+    eval_metrics: dict[str, float] = {}
+    last_saved = manager.latest_step()
+    t_last, step_last = time.time(), step
+    act_rules = partitioning.activation_rules_for(config, mesh)
+    try:
+        while step < train_steps:
+            batch = partitioning.host_batch_to_global(next(batches), mesh)
+            with partitioning.activation_rules(mesh, act_rules):
+                state, metrics = step_fn(state, batch)
+            step += 1
+            run_info["examples_seen"] += batch_size
+            pending.append((step, metrics))
+            is_last = step == train_steps
+            do_eval = evaluator is not None and (step % eval_settings.every_steps == 0 or is_last)
+            do_save = step % checkpoint_every == 0 or is_last or do_eval
+            if step % log_every == 0 or do_save:
+                records = _check_finite(pending, model_dir, last_saved)
+                pending = []
+                train_metrics = _sum_metrics(records)
+                now = time.time()
+                rate = (step - step_last) / max(now - t_last, 1e-9)
+                t_last, step_last = now, step
+                train_metrics.update(steps_per_sec=rate, tokens_per_sec=rate * tokens_per_step)
+                log.write(step, "train", train_metrics)
+                log.print(run_log.progress_line(step, train_steps, train_metrics, rate,
+                                                rate * tokens_per_step))
+            if do_eval:
+                eval_metrics = evaluator.evaluate(state.params, step)
+                log.write(step, "validation", eval_metrics)
+                log.print(f"step {step} validation: " + ", ".join(
+                    f"{k} {v:.4f}" for k, v in sorted(eval_metrics.items())))
+                t_last = time.time()
+            if do_save:
+                run_info["step"] = step
+                best = eval_metrics if do_eval and eval_settings.best_metric else None
+                if best is not None and eval_settings.best_metric not in best:
+                    raise ValueError(f"best_metric {eval_settings.best_metric!r} is not among "
+                                     f"the evaluation's metrics {sorted(best)}")
+                train_state.save(manager, state, run_info, config, best)
+                last_saved = step
+        manager.wait_until_finished()
+    finally:
+        manager.wait_until_finished()
+        log.close()
+        if evaluator is not None:
+            evaluator.close()
+    checkpoint = train_state.step_dir(model_dir, last_saved) if last_saved is not None else None
+    log.print(f"done: step {step}, checkpoint {checkpoint}")
+    return TrainResult(model_dir, step, checkpoint, train_metrics, eval_metrics)
+
+
+def _abstract_state(model, tx, mesh, input_shapes, seed):
+    """The TrainState's ShapeDtypeStructs with their shardings (nothing is allocated)."""
+
+    def init(rng):
+        variables = model.get_initial_variables(rng, input_shapes)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                          opt_state=tx.init(variables["params"])), variables["params_axes"]
+
+    abstract, params_axes = jax.eval_shape(init, jax.random.PRNGKey(seed))
+    specs = partitioning.param_specs(abstract.params, params_axes, mesh)
+    shapes = {partitioning.path_keys(p): tuple(x.shape)
+              for p, x in jax.tree_util.tree_flatten_with_path(abstract.params)[0]}
+    shardings = partitioning.tree_shardings(abstract, specs, mesh, shapes)
+    return train_state.abstract_with_shardings(shardings, abstract), shardings
+
+
+def _check_finite(pending, model_dir: str, last_saved: int | None) -> list[dict[str, np.ndarray]]:
+    records = []
+    for step, metrics in pending:
+        m = jax.device_get(metrics)
+        for name in ("objective", "grad_norm"):
+            if not np.isfinite(m[name]):
+                where = (train_state.step_dir(model_dir, last_saved) if last_saved is not None
+                         else "none (no checkpoint was saved yet)")
+                raise NonFiniteLossError(
+                    f"step {step}: {name} is {float(m[name])}; training stopped. The last good "
+                    f"checkpoint is {where}. Lower the learning rate, check the data, or resume "
+                    "from that checkpoint with another seed")
+        records.append(m)
+    return records
+
+
+def _write_run_files(model_dir: str, config: TransformerConfig) -> None:
+    """config.gin (the gin configuration, resolved) and model_config.json beside the
+    checkpoints."""
+    if jax.process_index() != 0:
+        return
+    os.makedirs(model_dir, exist_ok=True)
+    with open(os.path.join(model_dir, "config.gin"), "w") as f:
+        f.write(gin.config_str())
+    with open(os.path.join(model_dir, "model_config.json"), "w") as f:
+        f.write(config.to_json())

@@ -1,0 +1,209 @@
+"""Decoding against teacher-forced forward passes, exhaustive search and hand-made invariants."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gqa_t5x.model import decoding
+from gqa_t5x.model.config import TransformerConfig
+from gqa_t5x.model.network import Transformer
+
+CFG = TransformerConfig(vocab_size=24, emb_dim=32, num_heads=4, num_kv_heads=2, head_dim=8,
+                        mlp_dim=48, num_encoder_layers=2, num_decoder_layers=2,
+                        relative_attention_num_buckets=8, relative_attention_max_distance=16)
+L = 7
+
+
+def _params(module, seed=0):
+    tokens = jnp.ones((1, 3), jnp.int32)
+    return module.init(jax.random.PRNGKey(seed), tokens, tokens, tokens,
+                       enable_dropout=False)["params"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    module = Transformer(CFG)
+    params = _params(module)
+    enc = np.random.RandomState(1).randint(2, CFG.vocab_size, (3, 9)).astype(np.int32)
+    enc[1, 6:] = 0  # padding in one example
+    return module, params, jnp.asarray(enc)
+
+
+def _teacher_forced_log_probs(module, params, enc, tokens):
+    """log_softmax of the full (uncached) forward pass on decoder inputs [0, tokens[:-1]]."""
+    tokens = np.asarray(tokens)
+    dec_in = np.concatenate([np.zeros_like(tokens[:, :1]), tokens[:, :-1]], axis=1)
+    # All-ones targets: no decoder position is masked as padding.
+    logits = module.apply({"params": params}, enc, jnp.asarray(dec_in),
+                          jnp.ones_like(jnp.asarray(dec_in)), enable_dropout=False)
+    logits = np.asarray(logits, np.float64)
+    return logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)
+                           ) - logits.max(-1, keepdims=True)
+
+
+def _first_eos(row, eos):
+    hits = np.flatnonzero(np.asarray(row) == eos)
+    return int(hits[0]) if hits.size else None
+
+
+def test_greedy_equals_argmax_of_teacher_forced_logits(model):
+    module, params, enc = model
+    tokens, scores = decoding.generate(module, params, enc, max_decode_length=L, eos_id=-1)
+    tokens = np.asarray(tokens)
+    assert tokens.shape == (3, L) and tokens.dtype == np.int32
+    logp = _teacher_forced_log_probs(module, params, enc, tokens)
+    np.testing.assert_array_equal(tokens, logp.argmax(-1))
+    expected = np.take_along_axis(logp, tokens[..., None], -1)[..., 0].sum(-1)
+    np.testing.assert_allclose(np.asarray(scores), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_eos_pads_and_stops_early(model):
+    module, params, enc = model
+    free, _ = decoding.generate(module, params, enc[:1], max_decode_length=L, eos_id=-1)
+    free = np.asarray(free)[0]
+    eos = int(free[2])
+    stop = _first_eos(free, eos)  # <= 2
+    cache = decoding.init_cache(module, params, decoding.encode(module, params, enc[:1]),
+                                enc[:1], max_decode_length=L)
+    result = decoding.decode_loop(module, params, cache,
+                                  decoding.encode(module, params, enc[:1]), enc[:1],
+                                  max_decode_length=L, eos_id=eos)
+    out = np.asarray(result.tokens)[0]
+    np.testing.assert_array_equal(out[: stop + 1], free[: stop + 1])
+    np.testing.assert_array_equal(out[stop + 1:], 0)
+    assert int(result.steps) == stop + 1
+    assert int(result.cache["decoder"]["cache_index"]) == stop + 1
+
+
+def test_force_steps_runs_exactly_n_steps(model):
+    module, params, enc = model
+    free, _ = decoding.generate(module, params, enc[:1], max_decode_length=L, eos_id=-1)
+    eos = int(np.asarray(free)[0, 0])  # ends at the first step
+    encoded = decoding.encode(module, params, enc[:1])
+    for force, steps in ((False, 1), (True, L)):
+        cache = decoding.init_cache(module, params, encoded, enc[:1], max_decode_length=L)
+        result = decoding.decode_loop(module, params, cache, encoded, enc[:1],
+                                      max_decode_length=L, eos_id=eos, force_steps=force)
+        assert int(result.steps) == steps
+        assert int(result.cache["decoder"]["cache_index"]) == steps
+        np.testing.assert_array_equal(np.asarray(result.tokens)[0], [eos] + [0] * (L - 1))
+    encoded, enc3 = jnp.repeat(encoded, 3, 0), jnp.repeat(enc[:1], 3, 0)
+    cache = decoding.init_cache(module, params, encoded, enc3, max_decode_length=L)
+    result = decoding.beam_search(module, params, cache, encoded, enc3, max_decode_length=L,
+                                  num_beams=3,
+                                  eos_id=-1, force_steps=True)
+    assert int(result.steps) == L
+
+
+def test_each_example_keeps_its_own_eos(model):
+    module, params, enc = model
+    free, _ = decoding.generate(module, params, enc, max_decode_length=L, eos_id=-1)
+    free = np.asarray(free)
+    eos = int(free[0, 3])
+    tokens, _ = decoding.generate(module, params, enc, max_decode_length=L, eos_id=eos)
+    for row_free, row in zip(free, np.asarray(tokens)):
+        stop = _first_eos(row_free, eos)
+        stop = L - 1 if stop is None else stop
+        np.testing.assert_array_equal(row[: stop + 1], row_free[: stop + 1])
+        np.testing.assert_array_equal(row[stop + 1:], 0)
+
+
+def test_recompute_cross_kv_gives_identical_tokens(model):
+    module, params, enc = model
+    tokens, scores = decoding.generate(module, params, enc, max_decode_length=L)
+    other = Transformer(CFG, recompute_cross_kv=True)
+    tokens2, scores2 = decoding.generate(other, params, enc, max_decode_length=L)
+    np.testing.assert_array_equal(np.asarray(tokens), np.asarray(tokens2))
+    np.testing.assert_allclose(np.asarray(scores), np.asarray(scores2), rtol=1e-5)
+    beam, _ = decoding.generate(module, params, enc, max_decode_length=L, method="beam")
+    beam2, _ = decoding.generate(other, params, enc, max_decode_length=L, method="beam")
+    np.testing.assert_array_equal(np.asarray(beam), np.asarray(beam2))
+
+
+def test_sampling_temperature_zero_and_top_k_one_equal_greedy(model):
+    module, params, enc = model
+    greedy, _ = decoding.generate(module, params, enc, max_decode_length=L)
+    rng = jax.random.PRNGKey(3)
+    cold, _ = decoding.generate(module, params, enc, max_decode_length=L, method="sample",
+                                temperature=0.0, rng=rng)
+    top1, _ = decoding.generate(module, params, enc, max_decode_length=L, method="sample",
+                                top_k=1, rng=rng)
+    np.testing.assert_array_equal(np.asarray(cold), np.asarray(greedy))
+    np.testing.assert_array_equal(np.asarray(top1), np.asarray(greedy))
+
+
+def test_sampling_is_reproducible_and_respects_top_k(model):
+    module, params, enc = model
+    kw = dict(max_decode_length=L, method="sample", temperature=2.0, eos_id=-1)
+    a, sa = decoding.generate(module, params, enc, rng=jax.random.PRNGKey(5), **kw)
+    b, sb = decoding.generate(module, params, enc, rng=jax.random.PRNGKey(5), **kw)
+    c, _ = decoding.generate(module, params, enc, rng=jax.random.PRNGKey(6), **kw)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(sa), np.asarray(sb))
+    assert not np.array_equal(np.asarray(a), np.asarray(c))
+    # The scores are the untempered log probabilities of the sampled tokens.
+    logp = _teacher_forced_log_probs(module, params, enc, a)
+    a = np.asarray(a)
+    expected = np.take_along_axis(logp, a[..., None], -1)[..., 0].sum(-1)
+    np.testing.assert_allclose(np.asarray(sa), expected, rtol=1e-5, atol=1e-5)
+    # top_k=3: every sampled token is among the 3 most likely under teacher forcing.
+    t3, _ = decoding.generate(module, params, enc, rng=jax.random.PRNGKey(7), top_k=3, **kw)
+    t3 = np.asarray(t3)
+    logp = _teacher_forced_log_probs(module, params, enc, t3)
+    rank = (logp > np.take_along_axis(logp, t3[..., None], -1)).sum(-1)
+    assert rank.max() < 3
+
+
+def test_beam_with_one_beam_equals_greedy(model):
+    # Without EOS: with it, t5x's 2 x beams candidates can finish a better sequence than greedy.
+    module, params, enc = model
+    greedy, gscore = decoding.generate(module, params, enc, max_decode_length=L, eos_id=-1)
+    beam, bscore = decoding.generate(module, params, enc, max_decode_length=L, method="beam",
+                                     num_beams=1, eos_id=-1)
+    np.testing.assert_array_equal(np.asarray(beam), np.asarray(greedy))
+    np.testing.assert_allclose(np.asarray(bscore), np.asarray(gscore), rtol=1e-5)
+
+
+def test_beam_search_matches_exhaustive_search():
+    cfg = TransformerConfig(vocab_size=6, emb_dim=16, num_heads=2, num_kv_heads=1, head_dim=8,
+                            mlp_dim=32, num_encoder_layers=1, num_decoder_layers=1,
+                            relative_attention_num_buckets=4, relative_attention_max_distance=8)
+    module = Transformer(cfg)
+    params = _params(module, seed=2)
+    # Sharper distributions make the search non-trivial.
+    params = jax.tree_util.tree_map(lambda x: x, params)  # a copy to edit
+    params["decoder"]["logits_dense"]["kernel"] = params["decoder"]["logits_dense"]["kernel"] * 4
+    enc = jnp.asarray(np.random.RandomState(4).randint(2, 6, (4, 5)), jnp.int32)
+    eos, alpha, length, v = 1, 0.6, 3, cfg.vocab_size
+    # 2 x beams >= 25 live prefixes x 6 tokens: the search keeps every candidate.
+    tokens, scores = decoding.generate(module, params, enc, max_decode_length=length,
+                                       method="beam", num_beams=75, alpha=alpha, eos_id=eos)
+    seqs = np.array(list(itertools.product(range(v), repeat=length)), np.int32)  # [216, 3]
+    n, m = enc.shape[0], len(seqs)
+    logp = _teacher_forced_log_probs(module, params, jnp.repeat(enc, m, 0), np.tile(seqs, (n, 1)))
+    step = np.take_along_axis(logp, np.tile(seqs, (n, 1))[..., None], -1)[..., 0]  # [n*216, 3]
+    for i in range(n):
+        best, best_score = None, -np.inf
+        for seq, lp in zip(seqs, step[i * m:(i + 1) * m]):
+            stop = _first_eos(seq, eos)
+            if stop is None:
+                continue  # never finished
+            score = lp[: stop + 1].sum() / ((5.0 + stop + 1) / 6.0) ** alpha
+            if score > best_score + 1e-9:
+                best_score = score
+                best = np.concatenate([seq[: stop + 1], np.zeros(length - stop - 1, np.int32)])
+        np.testing.assert_array_equal(np.asarray(tokens)[i], best)
+        np.testing.assert_allclose(float(scores[i]), best_score, rtol=1e-5)
+
+
+def test_generate_rejects_bad_arguments(model):
+    module, params, enc = model
+    with pytest.raises(ValueError, match="method"):
+        decoding.generate(module, params, enc, max_decode_length=L, method="nucleus")
+    with pytest.raises(ValueError, match="top_k"):
+        decoding.generate(module, params, enc, max_decode_length=L, method="sample", top_k=99)
+    with pytest.raises(ValueError, match="encoder_input_tokens"):
+        decoding.generate(module, params, enc[0], max_decode_length=L)
