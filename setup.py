@@ -14,7 +14,7 @@ setuptools.setup(
     license="Apache-2.0",
     packages=setuptools.find_packages(include=["gqa_t5x", "gqa_t5x.*"]),
     package_data={
-        "gqa_t5x": ["gin/*/*.gin"],
+        "gqa_t5x": ["gin/*/*.gin", "configs/*.toml"],  # configs: the top-level folder
         "gqa_t5x.kernels": ["csrc/*.cc", "csrc/*.h"],  # compiled on first use
     },
     python_requires=">=3.10",
