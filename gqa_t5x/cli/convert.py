@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from gqa_t5x.checkpoints import FORMATS
 from gqa_t5x.checkpoints.t5x import read_json
+from gqa_t5x.conversion.output import ConversionInterrupted
 from gqa_t5x.conversion.pooling import METHODS
 from gqa_t5x.conversion.streaming import convert_checkpoint
 from gqa_t5x.model.config import ATTENTION_KINDS, PRESETS, TransformerConfig
@@ -36,7 +37,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     config.add_argument("--model_preset", choices=sorted(PRESETS),
                         help="source config for a t5x checkpoint (default: inferred from shapes)")
     config.add_argument("--config_json", help="source TransformerConfig JSON for a t5x checkpoint")
-    p.add_argument("--force", action="store_true", help="replace an existing --output")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --output that an earlier conversion wrote (never a "
+                   "folder with other files, the current folder or one holding the input)")
     return p.parse_args(argv)
 
 
@@ -55,6 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.input, args.output, args.num_kv_heads, method=args.method, seed=args.seed,
             grouped=grouped, input_format=args.input_format, source_config=source_config,
             force=args.force)
+    except ConversionInterrupted as e:
+        print(f"gqa-convert: {e}", file=sys.stderr)
+        return e.exit_code
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         print(f"gqa-convert: error: {e}", file=sys.stderr)
         return 1

@@ -5,7 +5,8 @@ or our own format), pools it if it is a grouped key/value kernel (pooling.py) an
 our checkpoint format before reading the next, so memory holds about one array: the output gets
 `config.json`, `conversion.json` (this summary) and `checkpoint_<step>/`, a t5x legacy checkpoint
 at the source step that t5x restores as INITIAL_CHECKPOINT_PATH. The output is written to a
-hidden sibling folder and renamed at the end: a crash leaves nothing at the output path.
+hidden sibling folder and renamed at the end: a crash leaves nothing at the output path (see
+output.py for what `force` may replace, stale temporary folders and SIGINT/SIGTERM).
 """
 
 from __future__ import annotations
@@ -15,11 +16,18 @@ import json
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Sequence
 
 from gqa_t5x.checkpoints import CheckpointWriter, open_checkpoint, step_dir
 from gqa_t5x.checkpoints.t5x import infer_config_from_shapes
+from gqa_t5x.conversion.output import (
+    CONVERSION_FILE,
+    StopSignals,
+    check_output,
+    remove_stale_temporaries,
+    replace,
+    temporary_path,
+)
 from gqa_t5x.conversion.pooling import (
     METHODS,
     check_conversion,
@@ -29,8 +37,6 @@ from gqa_t5x.conversion.pooling import (
     param_shapes,
 )
 from gqa_t5x.model.config import ATTENTION_KINDS, TransformerConfig, with_kv_heads
-
-CONVERSION_FILE = "conversion.json"
 
 
 @dataclasses.dataclass
@@ -97,10 +103,7 @@ def convert_checkpoint(input_path: str, output_path: str, num_kv_heads: int,
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     output_path = os.path.abspath(output_path)
-    if os.path.exists(output_path) and not force:
-        raise FileExistsError(f"output {output_path} already exists; pass --force to replace it")
-    if os.path.abspath(input_path) == output_path:
-        raise ValueError(f"output {output_path} is the input; write to another folder")
+    check_output(input_path, output_path, force)
 
     reader = open_checkpoint(input_path, input_format, source_config)
     shapes = reader.shapes()
@@ -109,39 +112,33 @@ def convert_checkpoint(input_path: str, output_path: str, num_kv_heads: int,
     target = with_kv_heads(source, num_kv_heads, grouped)
     check_conversion(source, target)
 
-    parent, name = os.path.split(output_path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+    os.makedirs(os.path.dirname(output_path), exist_ok=True)
+    remove_stale_temporaries(output_path)
+    tmp = temporary_path(output_path)
     largest = 0
-    try:
-        writer = CheckpointWriter(tmp, target, step=reader.step)
-        for path in shapes:
-            array = reader.read(path)
-            largest = max(largest, array.nbytes)
-            writer.write(path, convert_array(path, array, source, target, method, seed))
-            del array
-        writer.close()
-        summary = ConversionSummary(
-            input=os.path.abspath(input_path), input_format=reader.format, output=output_path,
-            method=method, seed=seed, source_config=source, target_config=target,
-            step=reader.step, num_arrays=len(shapes), largest_array_bytes=largest,
-            seconds=time.perf_counter() - start)
-        with open(os.path.join(tmp, CONVERSION_FILE), "w") as f:
-            json.dump(summary.to_dict(), f, indent=2)
-        _replace(tmp, output_path)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
+    signals = StopSignals()
+    with signals.active():
+        try:
+            writer = CheckpointWriter(tmp, target, step=reader.step)
+            for path in shapes:
+                signals.check(tmp)
+                array = reader.read(path)
+                largest = max(largest, array.nbytes)
+                writer.write(path, convert_array(path, array, source, target, method, seed))
+                del array
+            signals.check(tmp)
+            writer.close()
+            summary = ConversionSummary(
+                input=os.path.abspath(input_path), input_format=reader.format,
+                output=output_path, method=method, seed=seed, source_config=source,
+                target_config=target, step=reader.step, num_arrays=len(shapes),
+                largest_array_bytes=largest, seconds=time.perf_counter() - start)
+            with open(os.path.join(tmp, CONVERSION_FILE), "w") as f:
+                json.dump(summary.to_dict(), f, indent=2)
+            signals.check(tmp)
+            replace(tmp, output_path)
+        finally:
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp)
     summary.seconds = time.perf_counter() - start
     return summary
-
-
-def _replace(tmp: str, output_path: str) -> None:
-    """Move `tmp` to `output_path`, replacing what is there only once `tmp` is complete."""
-    if not os.path.exists(output_path):
-        os.rename(tmp, output_path)
-        return
-    old = f"{tmp}.old"
-    os.rename(output_path, old)
-    os.rename(tmp, output_path)
-    shutil.rmtree(old)

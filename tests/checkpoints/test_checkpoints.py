@@ -303,8 +303,12 @@ def test_refuses_to_overwrite_without_force(tmp_path, params):
     with pytest.raises(FileExistsError, match="already exists; pass --force"):
         streaming.convert_checkpoint(str(tmp_path / "src"), str(tmp_path / "out"), 2)
     assert (tmp_path / "out" / "keep").exists()
+    with pytest.raises(FileExistsError, match="holds files that no conversion wrote"):
+        streaming.convert_checkpoint(str(tmp_path / "src"), str(tmp_path / "out"), 2,
+                                     force=True)
+    assert (tmp_path / "out" / "keep").exists()
+    (tmp_path / "out" / "keep").unlink()
     streaming.convert_checkpoint(str(tmp_path / "src"), str(tmp_path / "out"), 2, force=True)
-    assert not (tmp_path / "out" / "keep").exists()
     assert load_checkpoint(str(tmp_path / "out"))[1] == with_kv_heads(CONFIG, 2)
 
 
