@@ -50,13 +50,11 @@ from gqa_t5x.checkpoints.t5x import (
     OrbaxTreeReader,
     Path,
     T5xLegacyReader,
-    infer_config_from_shapes,
     is_t5x_legacy,
     legacy_spec,
     open_t5x,
     read_json,
     resolve_t5x_dir,
-    unflatten,
     write_legacy_msgpack,
     write_zarr,
 )
@@ -410,14 +408,3 @@ def open_checkpoint(path: str, input_format: str = "auto",
     if config is not None:
         reader.config = config
     return reader
-
-
-def read_checkpoint(path: str, input_format: str = "auto",
-                    config: TransformerConfig | None = None
-                    ) -> tuple[dict[str, Any], TransformerConfig]:
-    """(params, config) of any supported checkpoint, all in memory, shapes checked."""
-    reader = open_checkpoint(path, input_format, config)
-    shapes = reader.shapes()
-    config = reader.config or infer_config_from_shapes(shapes)
-    check_shapes(shapes, param_shapes(config), where=path)
-    return unflatten({p: np.array(reader.read(p)) for p in shapes}), config

@@ -77,8 +77,7 @@ def _pad_rows(features: Mapping[str, np.ndarray], rows: int) -> dict[str, np.nda
 class TaskEvaluator:
     """seqio.Evaluator over one task or mixture, with jitted greedy prediction and scoring."""
 
-    def __init__(self, model: models.EncoderDecoderModel, mesh, settings: EvalSettings,
-                 log_dir: str | None = None):
+    def __init__(self, model: models.EncoderDecoderModel, mesh, settings: EvalSettings):
         if settings.mixture_or_task_name is None or settings.feature_lengths is None:
             raise ValueError("EvalSettings needs mixture_or_task_name and feature_lengths")
         get_mixture_or_task(settings.mixture_or_task_name)
@@ -87,7 +86,6 @@ class TaskEvaluator:
                              f"mesh's data axis ({mesh.shape[partitioning.DATA]}); choose a "
                              "multiple of it")
         self.model, self.mesh, self.settings = model, mesh, settings
-        del log_dir  # metrics are written by the caller's RunLog
         self.evaluator = seqio.Evaluator(
             settings.mixture_or_task_name,
             feature_converter=seqio.EncDecFeatureConverter(pack=False),
@@ -241,11 +239,11 @@ def load_model(checkpoint_path: str, mesh, model: models.EncoderDecoderModel | N
         model = models.EncoderDecoderModel(Transformer(config))
     abstract = jax.eval_shape(lambda: model.get_initial_variables(
         jax.random.PRNGKey(0), {"encoder_input_tokens": (1, 1), "decoder_input_tokens": (1, 1)}))
-    specs = partitioning.param_specs(abstract["params"], abstract["params_axes"], mesh)
     want = {partitioning.path_keys(p): tuple(x.shape)
             for p, x in jax.tree_util.tree_flatten_with_path(abstract["params"])[0]}
     shapes.check_shapes(shapes.tree_shapes(params), want, f"checkpoint {checkpoint_path}")
-    shardings = partitioning.tree_shardings(abstract["params"], specs, mesh, want)
+    shardings = partitioning.state_shardings(abstract["params"], abstract["params"],
+                                             abstract["params_axes"], mesh)
     return model, jax.device_put(params, shardings), step
 
 

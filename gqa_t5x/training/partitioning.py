@@ -7,8 +7,8 @@ MQA key kernel [D, 64] shards over model=8 but is replicated over model=3), so a
 on any mesh. Optimizer state that has its parameter's shape is sharded like it; Adafactor's
 factored row/column statistics are vectors and are replicated.
 
-Nothing is materialized on one device first: `create_sharded` jits the initializer with
-`out_shardings`, so each device computes only its shard.
+`state_shardings` turns the abstract params (or a train state holding them) into NamedShardings;
+initializers jit with them as `out_shardings`, so each device computes only its shard.
 
 Multi-host: `initialize_distributed` calls `jax.distributed.initialize`; each process reads its
 own share of the data (`data_shard_info`) and `host_batch_to_global` assembles the global batch.
@@ -17,8 +17,7 @@ own share of the data (`data_shard_info`) and `host_batch_to_global` assembles t
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -127,23 +126,14 @@ def tree_shardings(abstract_tree, specs: Mapping[tuple[str, ...], P], mesh: Mesh
     return jax.tree_util.tree_map_with_path(sharding, abstract_tree)
 
 
-def create_sharded(init_fn: Callable[..., Any], mesh: Mesh, *args,
-                   rules: Rules = LOGICAL_AXIS_RULES,
-                   params_of: Callable[[Any], tuple[Any, Any]] | None = None):
-    """Calls `init_fn(*args)` under jit with sharded outputs; returns (tree, shardings).
-
-    `params_of(abstract_output) -> (abstract_params, params_axes)` locates the parameters and
-    their logical axes in the output; the rest of the output is sharded by `tree_shardings`.
-    """
-    abstract = jax.eval_shape(init_fn, *args)
-    abstract_params, params_axes = params_of(abstract)
+def state_shardings(abstract_tree, abstract_params, params_axes, mesh: Mesh,
+                    rules: Rules = LOGICAL_AXIS_RULES):
+    """NamedShardings for `abstract_tree` (the params themselves, or a train state holding them
+    and their optimizer state), from the params' shapes and their `params_axes` collection."""
     specs = param_specs(abstract_params, params_axes, mesh, rules)
     shapes = {path_keys(p): tuple(x.shape)
               for p, x in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
-    shardings = tree_shardings(abstract, specs, mesh, shapes)
-    # Activation constraints are left off: the initializer's dummy batch need not divide `data`.
-    tree = jax.jit(init_fn, out_shardings=shardings)(*args)
-    return tree, shardings
+    return tree_shardings(abstract_tree, specs, mesh, shapes)
 
 
 @contextlib.contextmanager

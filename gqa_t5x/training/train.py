@@ -114,6 +114,15 @@ def train_step(model: models.EncoderDecoderModel, tx: optax.GradientTransformati
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
+def jit_train_step(model: models.EncoderDecoderModel, tx: optax.GradientTransformation,
+                   schedule: optim.Schedule, dropout_key, shardings, mesh):
+    """`train_step` jitted with the state in `shardings` (donated: updated in place) and the batch
+    split over `data`; metrics come back replicated."""
+    return jax.jit(functools.partial(train_step, model, tx, schedule, dropout_key),
+                   in_shardings=(shardings, partitioning.batch_sharding(mesh)),
+                   out_shardings=(shardings, partitioning.replicated(mesh)), donate_argnums=0)
+
+
 def _sum_metrics(records: list[dict[str, np.ndarray]]) -> dict[str, float]:
     sums = {k: float(np.sum([r[k] for r in records]))
             for k in ("cross_ent_sum", "z_loss_sum", "correct", "weight_sum", "num_examples")}
@@ -153,7 +162,153 @@ def _initial_params(path: str, config: TransformerConfig, abstract_params):
     return params, step
 
 
+@dataclasses.dataclass(frozen=True)
+class InitialCheckpoint:
+    """Where a run without checkpoints of its own starts (see `train`'s arguments)."""
+
+    path: str | None = None
+    step_mode: str = "continue"
+    step: int | None = None
+    uptrain_fraction: float | None = None
+
+
+def initial_state(model: models.EncoderDecoderModel, tx: optax.GradientTransformation, mesh,
+                  manager, model_dir: str, input_shapes: Mapping[str, tuple[int, ...]],
+                  seed: int, initial: InitialCheckpoint, log: run_log.RunLog):
+    """(state, shardings, run info) of the run's start, in this order of precedence:
+
+    1. the newest complete checkpoint in `model_dir` (resume: state and run info as saved);
+    2. `initial.path`: its params, fresh optimizer state, its step (or 0 with "restart");
+    3. random initialization from `seed`, step 0.
+
+    The run info holds "examples_seen" (the data stream skips them), "start_step" and, when the
+    budget is a fraction of the initial checkpoint's steps, "train_steps".
+    """
+    config = model.config
+    latest = manager.latest_step()
+    if latest is not None:
+        saved = train_state.read_config(train_state.step_dir(model_dir, latest))
+        _check_same_model(saved, config, f"MODEL_DIR {model_dir}")
+        target, shardings = train_state.abstract_train_state(model, tx, mesh, input_shapes, seed)
+        state, run_info = train_state.restore(manager, latest, target)
+        log.print(f"resuming from {train_state.step_dir(model_dir, latest)} "
+                  f"({run_info['examples_seen']} examples seen)")
+        return state, shardings, run_info
+
+    run_info: dict[str, Any] = {"examples_seen": 0, "start_step": 0}
+    params, start_step = None, 0
+    if initial.path:
+        abstract, _ = train_state.abstract_train_state(model, tx, mesh, input_shapes, seed)
+        params, source_step = _initial_params(initial.path, config, abstract.params)
+        if initial.step is not None:
+            source_step = int(initial.step)
+        if initial.uptrain_fraction is not None and source_step <= 0:
+            raise ValueError(f"initial checkpoint {initial.path} records no step, so "
+                             "uptrain_fraction has nothing to take a fraction of; set "
+                             "initial_checkpoint_step (INITIAL_CHECKPOINT_STEP)")
+        start_step = source_step if initial.step_mode == "continue" else 0
+        run_info.update(initial_checkpoint=initial.path, source_step=source_step)
+        if initial.uptrain_fraction is not None:
+            run_info["train_steps"] = start_step + int(round(initial.uptrain_fraction *
+                                                             source_step))
+        log.print(f"starting from {initial.path} (step {source_step}), fresh optimizer state, "
+                  f"step {start_step}")
+    state, shardings = train_state.create_train_state(model, tx, mesh, input_shapes, seed, params)
+    if start_step:
+        state = state.replace(step=jax.device_put(jnp.asarray(start_step, jnp.int32),
+                                                  shardings.step))
+    run_info["start_step"] = start_step
+    return state, shardings, run_info
+
+
+# ---- logging, evaluation and saving inside the loop ---------------------------------------------
+
+
+def _check_finite(pending, model_dir: str, last_saved: int | None) -> list[dict[str, np.ndarray]]:
+    records = []
+    for step, metrics in pending:
+        m = jax.device_get(metrics)
+        for name in ("objective", "grad_norm"):
+            if not np.isfinite(m[name]):
+                where = (train_state.step_dir(model_dir, last_saved) if last_saved is not None
+                         else "none (no checkpoint was saved yet)")
+                raise NonFiniteLossError(
+                    f"step {step}: {name} is {float(m[name])}; training stopped. The last good "
+                    f"checkpoint is {where}. Lower the learning rate, check the data, or resume "
+                    "from that checkpoint with another seed")
+        records.append(m)
+    return records
+
+
+class _Throughput:
+    """Steps per second since the previous report; evaluation time is left out."""
+
+    def __init__(self, step: int):
+        self.time, self.step = time.time(), step
+
+    def rate(self, step: int) -> float:
+        now = time.time()
+        rate = (step - self.step) / max(now - self.time, 1e-9)
+        self.time, self.step = now, step
+        return rate
+
+    def restart_clock(self) -> None:
+        self.time = time.time()
+
+
+def _report_train(log: run_log.RunLog, step: int, train_steps: int, records, rate: float,
+                  tokens_per_step: int) -> dict[str, float]:
+    metrics = _sum_metrics(records)
+    metrics.update(steps_per_sec=rate, tokens_per_sec=rate * tokens_per_step)
+    log.write(step, "train", metrics)
+    log.print(run_log.progress_line(step, train_steps, metrics, rate, rate * tokens_per_step))
+    return metrics
+
+
+def _evaluate(evaluator: evaluate.TaskEvaluator, log: run_log.RunLog, params,
+              step: int) -> dict[str, float]:
+    metrics = evaluator.evaluate(params, step)
+    log.write(step, "validation", metrics)
+    log.print(f"step {step} validation: " + ", ".join(
+        f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
+    return metrics
+
+
+def _best_metrics(eval_settings: evaluate.EvalSettings | None,
+                  eval_metrics: dict[str, float] | None) -> dict[str, float] | None:
+    """The metrics the manager ranks this checkpoint by (None: not ranked)."""
+    if eval_metrics is None or not eval_settings.best_metric:
+        return None
+    if eval_settings.best_metric not in eval_metrics:
+        raise ValueError(f"best_metric {eval_settings.best_metric!r} is not among the "
+                         f"evaluation's metrics {sorted(eval_metrics)}")
+    return eval_metrics
+
+
+def _write_run_files(model_dir: str, config: TransformerConfig) -> None:
+    """config.gin (the gin configuration, resolved) and model_config.json beside the
+    checkpoints."""
+    if jax.process_index() != 0:
+        return
+    os.makedirs(model_dir, exist_ok=True)
+    with open(os.path.join(model_dir, "config.gin"), "w") as f:
+        f.write(gin.config_str())
+    with open(os.path.join(model_dir, "model_config.json"), "w") as f:
+        f.write(config.to_json())
+
+
 # ---- the run ------------------------------------------------------------------------------------
+
+
+def _check_budget(train_steps, uptrain_fraction, initial: InitialCheckpoint) -> None:
+    if initial.step_mode not in STEP_MODES:
+        raise ValueError(f"initial_step_mode={initial.step_mode!r} is not one of {STEP_MODES}")
+    if (train_steps is None) == (uptrain_fraction is None):
+        raise ValueError("set exactly one of train_steps (TRAIN_STEPS) and uptrain_fraction "
+                         "(UPTRAIN_FRACTION)")
+    if uptrain_fraction is not None and not initial.path:
+        raise ValueError("uptrain_fraction (UPTRAIN_FRACTION) needs initial_checkpoint_path "
+                         "(INITIAL_CHECKPOINT_PATH): the fraction is of its step count")
 
 
 @gin.configurable(module="gqa_t5x.train")
@@ -206,64 +361,30 @@ def train(
       eval_settings: periodic evaluation and best-checkpoint selection; None for none.
       stream: where progress lines go (default stdout).
     """
-    if initial_step_mode not in STEP_MODES:
-        raise ValueError(f"initial_step_mode={initial_step_mode!r} is not one of {STEP_MODES}")
-    if (train_steps is None) == (uptrain_fraction is None):
-        raise ValueError("set exactly one of train_steps (TRAIN_STEPS) and uptrain_fraction "
-                         "(UPTRAIN_FRACTION)")
-    if uptrain_fraction is not None and not initial_checkpoint_path:
-        raise ValueError("uptrain_fraction (UPTRAIN_FRACTION) needs initial_checkpoint_path "
-                         "(INITIAL_CHECKPOINT_PATH): the fraction is of its step count")
+    initial = InitialCheckpoint(initial_checkpoint_path, initial_step_mode,
+                                initial_checkpoint_step, uptrain_fraction)
+    _check_budget(train_steps, uptrain_fraction, initial)
     model = model if model is not None else models.build_model()
     schedule = schedule if schedule is not None else optim.rsqrt_schedule()
     tx = optimizer if optimizer is not None else optim.adafactor()
     config = model.config
     check_vocabulary(get_mixture_or_task(mixture_or_task_name), config)
+    lengths = dict(task_feature_lengths)
+
+    # -- mesh, run log, checkpoint manager
     mesh = partitioning.create_mesh(model_parallel)
     host_batch = partitioning.check_batch_size(batch_size, mesh)
-    lengths = dict(task_feature_lengths)
-    input_shapes = {"encoder_input_tokens": (1, lengths["inputs"]),
-                    "decoder_input_tokens": (1, lengths["targets"])}
     log = run_log.RunLog(model_dir, stream)
     manager = train_state.checkpoint_manager(
         model_dir, keep=keep_checkpoints,
         best_metric=eval_settings.best_metric if eval_settings else None,
         best_mode=eval_settings.best_mode if eval_settings else "max")
 
-    # -- state
-    latest = manager.latest_step()
-    run_info: dict[str, Any] = {"examples_seen": 0, "start_step": 0}
-    if latest is not None:
-        saved = train_state.read_config(train_state.step_dir(model_dir, latest))
-        _check_same_model(saved, config, f"MODEL_DIR {model_dir}")
-        state, shardings = _abstract_state(model, tx, mesh, input_shapes, seed)
-        state, run_info = train_state.restore(manager, latest, state)
-        log.print(f"resuming from {train_state.step_dir(model_dir, latest)} "
-                  f"({run_info['examples_seen']} examples seen)")
-    else:
-        params, start_step = None, 0
-        if initial_checkpoint_path:
-            abstract, _ = _abstract_state(model, tx, mesh, input_shapes, seed)
-            params, source_step = _initial_params(initial_checkpoint_path, config,
-                                                  abstract.params)
-            if initial_checkpoint_step is not None:
-                source_step = int(initial_checkpoint_step)
-            if uptrain_fraction is not None and source_step <= 0:
-                raise ValueError(f"initial checkpoint {initial_checkpoint_path} records no step, "
-                                 "so uptrain_fraction has nothing to take a fraction of; set "
-                                 "initial_checkpoint_step (INITIAL_CHECKPOINT_STEP)")
-            start_step = source_step if initial_step_mode == "continue" else 0
-            run_info.update(initial_checkpoint=initial_checkpoint_path, source_step=source_step)
-            log.print(f"starting from {initial_checkpoint_path} (step {source_step}), "
-                      f"fresh optimizer state, step {start_step}")
-        state, shardings = train_state.create_train_state(model, tx, mesh, input_shapes, seed,
-                                                          params)
-        if start_step:
-            state = state.replace(step=jax.device_put(jnp.asarray(start_step, jnp.int32),
-                                                      shardings.step))
-        run_info["start_step"] = start_step
-        if uptrain_fraction is not None:
-            run_info["train_steps"] = start_step + int(round(uptrain_fraction * source_step))
+    # -- state: resume, initial checkpoint or random init
+    input_shapes = {"encoder_input_tokens": (1, lengths["inputs"]),
+                    "decoder_input_tokens": (1, lengths["targets"])}
+    state, shardings, run_info = initial_state(model, tx, mesh, manager, model_dir, input_shapes,
+                                               seed, initial, log)
     if train_steps is None:
         train_steps = run_info.get("train_steps")
         if train_steps is None:
@@ -274,29 +395,25 @@ def train(
                     shuffle_seed=shuffle_seed)
     _write_run_files(model_dir, config)
 
-    # -- data, step function, evaluation
+    # -- data, step function, evaluator
     batches = train_dataset(mixture_or_task_name, lengths, host_batch,
                             shuffle_seed=shuffle_seed, pack=pack,
                             skip_examples=run_info["examples_seen"] // jax.process_count(),
                             shard_info=partitioning.data_shard_info()
                             if jax.process_count() > 1 else None, use_cached=use_cached)
-    step_fn = jax.jit(
-        functools.partial(train_step, model, tx, schedule, jax.random.PRNGKey(seed + 1)),
-        in_shardings=(shardings, partitioning.batch_sharding(mesh)),
-        out_shardings=(shardings, partitioning.replicated(mesh)), donate_argnums=0)
+    step_fn = jit_train_step(model, tx, schedule, jax.random.PRNGKey(seed + 1), shardings, mesh)
     evaluator = None
     if eval_settings is not None and eval_settings.every_steps:
         evaluator = evaluate.TaskEvaluator(
-            model, mesh, eval_settings.with_defaults(mixture_or_task_name, lengths),
-            log_dir=model_dir)
+            model, mesh, eval_settings.with_defaults(mixture_or_task_name, lengths))
     tokens_per_step = batch_size * (lengths["inputs"] + lengths["targets"])
 
-    # -- loop
-    pending: list[tuple[int, Any]] = []
+    # -- loop: step; every log_every a report; every eval.every_steps an evaluation; save
+    pending: list[tuple[int, Any]] = []  # (step, metrics on device) not yet reported
     train_metrics: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
     last_saved = manager.latest_step()
-    t_last, step_last = time.time(), step
+    clock = _Throughput(step)
     act_rules = partitioning.activation_rules_for(config, mesh)
     try:
         while step < train_steps:
@@ -310,31 +427,17 @@ def train(
             do_eval = evaluator is not None and (step % eval_settings.every_steps == 0 or is_last)
             do_save = step % checkpoint_every == 0 or is_last or do_eval
             if step % log_every == 0 or do_save:
-                records = _check_finite(pending, model_dir, last_saved)
-                pending = []
-                train_metrics = _sum_metrics(records)
-                now = time.time()
-                rate = (step - step_last) / max(now - t_last, 1e-9)
-                t_last, step_last = now, step
-                train_metrics.update(steps_per_sec=rate, tokens_per_sec=rate * tokens_per_step)
-                log.write(step, "train", train_metrics)
-                log.print(run_log.progress_line(step, train_steps, train_metrics, rate,
-                                                rate * tokens_per_step))
+                records, pending = _check_finite(pending, model_dir, last_saved), []
+                train_metrics = _report_train(log, step, train_steps, records, clock.rate(step),
+                                              tokens_per_step)
             if do_eval:
-                eval_metrics = evaluator.evaluate(state.params, step)
-                log.write(step, "validation", eval_metrics)
-                log.print(f"step {step} validation: " + ", ".join(
-                    f"{k} {v:.4f}" for k, v in sorted(eval_metrics.items())))
-                t_last = time.time()
+                eval_metrics = _evaluate(evaluator, log, state.params, step)
+                clock.restart_clock()
             if do_save:
                 run_info["step"] = step
-                best = eval_metrics if do_eval and eval_settings.best_metric else None
-                if best is not None and eval_settings.best_metric not in best:
-                    raise ValueError(f"best_metric {eval_settings.best_metric!r} is not among "
-                                     f"the evaluation's metrics {sorted(best)}")
-                train_state.save(manager, state, run_info, config, best)
+                train_state.save(manager, state, run_info, config,
+                                 _best_metrics(eval_settings, eval_metrics if do_eval else None))
                 last_saved = step
-        manager.wait_until_finished()
     finally:
         manager.wait_until_finished()
         log.close()
@@ -343,47 +446,3 @@ def train(
     checkpoint = train_state.step_dir(model_dir, last_saved) if last_saved is not None else None
     log.print(f"done: step {step}, checkpoint {checkpoint}")
     return TrainResult(model_dir, step, checkpoint, train_metrics, eval_metrics)
-
-
-def _abstract_state(model, tx, mesh, input_shapes, seed):
-    """The TrainState's ShapeDtypeStructs with their shardings (nothing is allocated)."""
-
-    def init(rng):
-        variables = model.get_initial_variables(rng, input_shapes)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                          opt_state=tx.init(variables["params"])), variables["params_axes"]
-
-    abstract, params_axes = jax.eval_shape(init, jax.random.PRNGKey(seed))
-    specs = partitioning.param_specs(abstract.params, params_axes, mesh)
-    shapes = {partitioning.path_keys(p): tuple(x.shape)
-              for p, x in jax.tree_util.tree_flatten_with_path(abstract.params)[0]}
-    shardings = partitioning.tree_shardings(abstract, specs, mesh, shapes)
-    return train_state.abstract_with_shardings(shardings, abstract), shardings
-
-
-def _check_finite(pending, model_dir: str, last_saved: int | None) -> list[dict[str, np.ndarray]]:
-    records = []
-    for step, metrics in pending:
-        m = jax.device_get(metrics)
-        for name in ("objective", "grad_norm"):
-            if not np.isfinite(m[name]):
-                where = (train_state.step_dir(model_dir, last_saved) if last_saved is not None
-                         else "none (no checkpoint was saved yet)")
-                raise NonFiniteLossError(
-                    f"step {step}: {name} is {float(m[name])}; training stopped. The last good "
-                    f"checkpoint is {where}. Lower the learning rate, check the data, or resume "
-                    "from that checkpoint with another seed")
-        records.append(m)
-    return records
-
-
-def _write_run_files(model_dir: str, config: TransformerConfig) -> None:
-    """config.gin (the gin configuration, resolved) and model_config.json beside the
-    checkpoints."""
-    if jax.process_index() != 0:
-        return
-    os.makedirs(model_dir, exist_ok=True)
-    with open(os.path.join(model_dir, "config.gin"), "w") as f:
-        f.write(gin.config_str())
-    with open(os.path.join(model_dir, "model_config.json"), "w") as f:
-        f.write(config.to_json())

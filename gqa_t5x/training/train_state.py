@@ -37,31 +37,42 @@ class TrainState:
     opt_state: Any
 
 
-def create_train_state(model, tx, mesh, input_shapes: Mapping[str, tuple[int, ...]], seed: int,
-                       params=None):
-    """A sharded TrainState: params from `model.get_initial_variables(PRNGKey(seed))` (or the
-    given `params`, e.g. an initial checkpoint), fresh optimizer state, step 0.
+def _init_fn(model, tx, input_shapes: Mapping[str, tuple[int, ...]]):
+    """rng, params or None -> (TrainState at step 0, the params' logical axes)."""
 
-    Returns (state, shardings); every array is created directly in its shards.
-    """
-
-    def init(rng, given):
+    def init(rng, given=None):
         variables = model.get_initial_variables(rng, input_shapes)
         p = variables["params"] if given is None else given
         return TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=p,
                           opt_state=tx.init(p)), variables["params_axes"]
 
-    def init_state(rng, given):
-        return init(rng, given)[0]
+    return init
 
-    abstract_state, params_axes = jax.eval_shape(init, jax.random.PRNGKey(seed), params)
-    specs = partitioning.param_specs(abstract_state.params, params_axes, mesh)
-    shapes = {partitioning.path_keys(p): tuple(x.shape) for p, x in
-              jax.tree_util.tree_flatten_with_path(abstract_state.params)[0]}
-    shardings = partitioning.tree_shardings(abstract_state, specs, mesh, shapes)
+
+def abstract_train_state(model, tx, mesh, input_shapes: Mapping[str, tuple[int, ...]],
+                         seed: int = 0):
+    """(TrainState of ShapeDtypeStructs carrying their shardings, the shardings); nothing is
+    allocated. The first is the restore target orbax needs."""
+    abstract, params_axes = jax.eval_shape(_init_fn(model, tx, input_shapes),
+                                           jax.random.PRNGKey(seed))
+    shardings = partitioning.state_shardings(abstract, abstract.params, params_axes, mesh)
+    return abstract_with_shardings(shardings, abstract), shardings
+
+
+def create_train_state(model, tx, mesh, input_shapes: Mapping[str, tuple[int, ...]], seed: int,
+                       params=None):
+    """A sharded TrainState: params from `model.get_initial_variables(PRNGKey(seed))` (or the
+    given `params`, e.g. an initial checkpoint), fresh optimizer state, step 0.
+
+    Returns (state, shardings). The initializer is jitted with `out_shardings`, so every array is
+    created directly in its shards and nothing is materialized on one device first.
+    """
+    _, shardings = abstract_train_state(model, tx, mesh, input_shapes, seed)
+    init = _init_fn(model, tx, input_shapes)
     if params is not None:
         params = jax.device_put(params, shardings.params)
-    state = jax.jit(init_state, out_shardings=shardings)(jax.random.PRNGKey(seed), params)
+    state = jax.jit(lambda rng, given: init(rng, given)[0],
+                    out_shardings=shardings)(jax.random.PRNGKey(seed), params)
     return state, shardings
 
 
