@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from gqa_t5x.checkpoints import FORMATS
 from gqa_t5x.checkpoints.t5x import read_json
 from gqa_t5x.conversion.output import ConversionInterrupted
-from gqa_t5x.conversion.pooling import METHODS
+from gqa_t5x.conversion.pooling import POOL_METHODS
 from gqa_t5x.conversion.streaming import convert_checkpoint
 from gqa_t5x.model.config import ATTENTION_KINDS, PRESETS, TransformerConfig
 
@@ -28,7 +28,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--output", required=True, help="folder for the converted checkpoint")
     p.add_argument("--num_kv_heads", type=int, required=True,
                    help="kv heads of the grouped attentions (1 = MQA)")
-    p.add_argument("--method", default="mean", choices=METHODS)
+    p.add_argument("--method", default="mean", choices=POOL_METHODS)
     p.add_argument("--seed", type=int, default=0, help="seed for --method random")
     p.add_argument("--grouped", default=None,
                    help="attentions to group, comma-separated from " + ",".join(ATTENTION_KINDS)

@@ -29,7 +29,7 @@ from gqa_t5x.conversion.output import (
     temporary_path,
 )
 from gqa_t5x.conversion.pooling import (
-    METHODS,
+    POOL_METHODS,
     check_conversion,
     check_shapes,
     convert_array,
@@ -100,8 +100,8 @@ def convert_checkpoint(input_path: str, output_path: str, num_kv_heads: int,
     (otherwise it is inferred; `relative_attention_max_distance` then stays 128).
     """
     start = time.perf_counter()
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    if method not in POOL_METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {POOL_METHODS}")
     output_path = os.path.abspath(output_path)
     check_output(input_path, output_path, force)
 
