@@ -233,14 +233,42 @@ _SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
 def _safetensors_header(filename: str) -> dict[str, dict[str, Any]]:
     """{name: {"dtype", "shape", "data_offsets"}} with offsets made absolute in the file.
 
-    The format: an 8-byte little-endian header length, a JSON header, then the raw data.
+    The format: an 8-byte little-endian header length, a JSON header, then the raw data. A
+    truncated or corrupt file raises one ValueError naming it (the file is checked here, before
+    any array is converted, so a conversion never stops half way on it).
     """
+    file_size = os.path.getsize(filename)
+
+    def corrupt(what: str) -> ValueError:
+        return ValueError(f"{filename} is not a valid safetensors file ({what}); download or "
+                          f"save it again")
+
     with open(filename, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
+        head = f.read(8)
+        if len(head) < 8:
+            raise corrupt(f"{file_size} bytes, shorter than the 8-byte header length")
+        (size,) = struct.unpack("<Q", head)
+        if size > file_size - 8:
+            raise corrupt(f"its header claims {size:,} bytes but the file has {file_size:,}")
+        try:
+            header = json.loads(f.read(size))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise corrupt(f"the header is not JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise corrupt("the header is not a JSON object")
     header.pop("__metadata__", None)
-    for info in header.values():
-        begin, end = info["data_offsets"]
+    for name, info in header.items():
+        try:
+            begin, end = info["data_offsets"]
+            count = int(np.prod(info["shape"], dtype=np.int64))
+            itemsize = np.dtype(_SAFETENSORS_DTYPES.get(info["dtype"], np.uint8)).itemsize
+        except (TypeError, KeyError, ValueError):
+            raise corrupt(f"tensor {name}'s header entry is malformed: {info!r}") from None
+        if 8 + size + end > file_size:
+            raise corrupt(f"truncated: tensor {name} ends at byte {8 + size + end:,} of "
+                          f"{file_size:,}")
+        if info["dtype"] in _SAFETENSORS_DTYPES and end - begin != count * itemsize:
+            raise corrupt(f"tensor {name} has {end - begin} bytes for shape {info['shape']}")
         info["data_offsets"] = (8 + size + begin, 8 + size + end)
     return header
 

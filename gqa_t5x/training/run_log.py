@@ -2,7 +2,8 @@
 
 Only process 0 writes. Each `write` appends one JSON object per line to `MODEL_DIR/metrics.jsonl`
 ({"step": .., "split": "train" | "validation" | ..., metric: value, ...}) and writes the same
-scalars to TensorBoard under `MODEL_DIR/<split>/`.
+scalars to TensorBoard under `MODEL_DIR/<split>/`. A resumed run first drops the rows of the
+steps it redoes (`drop_after`), so metrics.jsonl keeps one row per step and split.
 """
 
 from __future__ import annotations
@@ -75,6 +76,23 @@ class RunLog:
         with self._writer(split).as_default():
             for name, value in metrics.items():
                 tf.summary.scalar(name, float(value), step=int(step))
+
+    def drop_after(self, step: int) -> int:
+        """Remove the metrics.jsonl rows of steps after `step`, the step a resumed run starts
+        from: the run redoes those steps and writes them again, so each step keeps one row.
+        Returns how many rows were removed."""
+        path = os.path.join(self.model_dir, "metrics.jsonl")
+        if not self.active or not os.path.exists(path):
+            return 0
+        with open(path) as f:
+            lines = [line for line in f if line.strip()]
+        kept = [line for line in lines if json.loads(line)["step"] <= step]
+        if len(kept) < len(lines):
+            tmp = f"{path}.tmp"
+            with open(tmp, "w") as f:
+                f.writelines(kept)
+            os.replace(tmp, path)  # a crash here leaves the old file whole
+        return len(lines) - len(kept)
 
     def close(self) -> None:
         for writer in self._writers.values():

@@ -391,6 +391,9 @@ def train(
             raise ValueError(f"{model_dir}: uptrain_fraction given but the checkpoint records no "
                              "step budget; set train_steps")
     step = int(jax.device_get(state.step))
+    if dropped := log.drop_after(step):
+        log.print(f"metrics.jsonl: removed {dropped} rows after step {step}, which this run "
+                  "redoes")
     run_info.update(train_steps=train_steps, batch_size=batch_size, task=mixture_or_task_name,
                     shuffle_seed=shuffle_seed)
     _write_run_files(model_dir, config)

@@ -1,6 +1,7 @@
 """The training run: the loss falls, checkpoints, resume after SIGKILL, error paths."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -76,6 +77,18 @@ def test_best_checkpoint_is_kept_beside_the_latest(tmp_path):
     assert f"{TASK}/sequence_accuracy" in evals[-1]
 
 
+def test_resume_keeps_one_metrics_row_per_step(tmp_path, capsys):
+    _train(tmp_path, steps=20, log_every=5)
+    first = {r["step"]: r["loss"] for r in run_log.read_metrics(tmp_path)}
+    # A crash before checkpoint_20 was written: the rerun resumes at 10 and redoes 15 and 20.
+    shutil.rmtree(tmp_path / "checkpoint_20")
+    _train(tmp_path, steps=20, log_every=5)
+    steps = [r["step"] for r in run_log.read_metrics(tmp_path)]
+    assert steps == [5, 10, 15, 20]
+    assert "removed 2 rows after step 10" in capsys.readouterr().out
+    assert {r["step"]: r["loss"] for r in run_log.read_metrics(tmp_path)} == first
+
+
 # ---- resume after SIGKILL -----------------------------------------------------------------------
 
 _SCRIPT = """
@@ -128,7 +141,8 @@ def test_sigkill_mid_save_then_rerun_equals_uninterrupted_run(tmp_path):
     jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)  # bit-identical
     losses = {d: [r["loss"] for r in run_log.read_metrics(d) if r["step"] == 30]
               for d in (clean, killed)}
-    assert losses[clean] == losses[killed][-1:]
+    assert losses[clean] == losses[killed]
+    assert [r["step"] for r in run_log.read_metrics(killed)] == [10, 20, 30]  # one row per step
 
 
 # ---- error paths --------------------------------------------------------------------------------
