@@ -1,7 +1,8 @@
 """`gqa-convert`: convert an MHA (or GQA) checkpoint to GQA/MQA, streaming one array at a time.
 
-    gqa-convert --input PATH --output PATH --num_kv_heads G [--method mean|first|random]
-        [--seed N] [--grouped decoder_self,cross[,encoder_self]]
+    gqa-convert --input PATH --output PATH --num_kv_heads G
+        [--method mean|first|random|aligned] [--grouping contiguous|similarity] [--seed N]
+        [--grouped decoder_self,cross[,encoder_self]]
         [--input_format auto|gqa_t5x|t5x|hf] [--model_preset NAME | --config_json FILE] [--force]
 
 The work is `gqa_t5x.conversion.convert_checkpoint`.
@@ -15,8 +16,9 @@ from collections.abc import Sequence
 
 from gqa_t5x.checkpoints import FORMATS
 from gqa_t5x.checkpoints.t5x import read_json
+from gqa_t5x.conversion.grouping import GROUPINGS
 from gqa_t5x.conversion.output import ConversionInterrupted
-from gqa_t5x.conversion.pooling import POOL_METHODS
+from gqa_t5x.conversion.pooling import METHODS
 from gqa_t5x.conversion.streaming import convert_checkpoint
 from gqa_t5x.model.config import ATTENTION_KINDS, PRESETS, TransformerConfig
 
@@ -28,7 +30,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--output", required=True, help="folder for the converted checkpoint")
     p.add_argument("--num_kv_heads", type=int, required=True,
                    help="kv heads of the grouped attentions (1 = MQA)")
-    p.add_argument("--method", default="mean", choices=POOL_METHODS)
+    p.add_argument("--method", default="mean", choices=METHODS,
+                   help="mean, first, random (the paper's) or aligned (heads rotated into a common "
+                   "basis, then mean-pooled)")
+    p.add_argument("--grouping", default="contiguous", choices=GROUPINGS,
+                   help="which heads share a kv head: contiguous, or similarity (heads that "
+                   "agree after alignment; --method aligned)")
     p.add_argument("--seed", type=int, default=0, help="seed for --method random")
     p.add_argument("--grouped", default=None,
                    help="attentions to group, comma-separated from " + ",".join(ATTENTION_KINDS)
@@ -57,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = convert_checkpoint(
             args.input, args.output, args.num_kv_heads, method=args.method, seed=args.seed,
             grouped=grouped, input_format=args.input_format, source_config=source_config,
-            force=args.force)
+            force=args.force, grouping=args.grouping)
     except ConversionInterrupted as e:
         print(f"gqa-convert: {e}", file=sys.stderr)
         return e.exit_code

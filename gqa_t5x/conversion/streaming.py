@@ -2,7 +2,10 @@
 
 `convert_checkpoint` reads each array from the source (t5x legacy or orbax, Hugging Face T5.1.1,
 or our own format), pools it if it is a grouped key/value kernel (pooling.py) and writes it to
-our checkpoint format before reading the next, so memory holds about one array: the output gets
+our checkpoint format before reading the next, so memory holds about one array ("aligned" reads
+the four kernels of one attention together, so memory holds about one layer's attention; with
+"similarity" grouping a first pass reads the key and value kernels one at a time to choose the
+groups): the output gets
 `config.json`, `conversion.json` (this summary) and `checkpoint_<step>/`, a t5x legacy checkpoint
 at the source step that t5x restores as INITIAL_CHECKPOINT_PATH. The output is written to a
 hidden sibling folder and renamed at the end: a crash leaves nothing at the output path (see
@@ -20,6 +23,7 @@ from collections.abc import Sequence
 
 from gqa_t5x.checkpoints import CheckpointWriter, open_checkpoint, step_dir
 from gqa_t5x.checkpoints.t5x import infer_config_from_shapes
+from gqa_t5x.conversion.grouping import KERNELS, Groups, bias_groups, head_groups_of, permute_bias
 from gqa_t5x.conversion.output import (
     CONVERSION_FILE,
     StopSignals,
@@ -29,11 +33,13 @@ from gqa_t5x.conversion.output import (
     temporary_path,
 )
 from gqa_t5x.conversion.pooling import (
-    POOL_METHODS,
     check_conversion,
+    check_method,
     check_shapes,
     convert_array,
+    convert_attention,
     count_params,
+    kv_kernel_kind,
     param_shapes,
 )
 from gqa_t5x.model.config import ATTENTION_KINDS, TransformerConfig, with_kv_heads
@@ -52,6 +58,9 @@ class ConversionSummary:
     num_arrays: int
     largest_array_bytes: int
     seconds: float
+    grouping: str = "contiguous"
+    # {attention module path: lists of source kv heads, one per target kv head} ("aligned")
+    groups: dict[str, Groups] | None = None
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -67,7 +76,8 @@ class ConversionSummary:
                                      - c.decode_cache_bytes_per_token(0) for c in (src, tgt))
         lines = [
             f"converted {self.input} ({self.input_format}) -> {self.output}",
-            f"  method {self.method}, seed {self.seed}; kv heads: {kv}",
+            f"  method {self.method}" + (f" ({self.grouping} groups)" if self.groups else "")
+            + f", seed {self.seed}; kv heads: {kv}",
             f"  parameters: {count_params(src):,} -> {count_params(tgt):,}",
             f"  decode KV cache bytes per generated token ({src.dtype}): "
             f"{self_before:,} -> {self_after:,}",
@@ -91,17 +101,18 @@ def convert_checkpoint(input_path: str, output_path: str, num_kv_heads: int,
                        method: str = "mean", seed: int = 0,
                        grouped: Sequence[str] | None = None, input_format: str = "auto",
                        source_config: TransformerConfig | None = None,
-                       force: bool = False) -> ConversionSummary:
+                       force: bool = False, grouping: str = "contiguous") -> ConversionSummary:
     """Convert the checkpoint at `input_path` to `num_kv_heads` kv heads in the `grouped`
     attentions (default: those the source groups, decoder self and cross for MHA) and write our
     checkpoint format to `output_path`.
 
     `source_config` is needed only for t5x checkpoints whose shapes do not determine it
-    (otherwise it is inferred; `relative_attention_max_distance` then stays 128).
+    (otherwise it is inferred; `relative_attention_max_distance` then stays 128). `grouping`
+    ("contiguous" or "similarity", the latter for method "aligned") chooses which heads share a
+    kv head; conversion.json records the groups.
     """
     start = time.perf_counter()
-    if method not in POOL_METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {POOL_METHODS}")
+    check_method(method, grouping)
     output_path = os.path.abspath(output_path)
     check_output(input_path, output_path, force)
 
@@ -111,6 +122,8 @@ def convert_checkpoint(input_path: str, output_path: str, num_kv_heads: int,
     check_shapes(shapes, param_shapes(source), where=f"checkpoint {input_path}")
     target = with_kv_heads(source, num_kv_heads, grouped)
     check_conversion(source, target)
+    groups = (head_groups_of(reader.read, source, target, grouping) if method == "aligned"
+              else None)
 
     os.makedirs(os.path.dirname(output_path), exist_ok=True)
     remove_stale_temporaries(output_path)
@@ -120,19 +133,20 @@ def convert_checkpoint(input_path: str, output_path: str, num_kv_heads: int,
     with signals.active():
         try:
             writer = CheckpointWriter(tmp, target, step=reader.step)
-            for path in shapes:
-                signals.check(tmp)
-                array = reader.read(path)
-                largest = max(largest, array.nbytes)
-                writer.write(path, convert_array(path, array, source, target, method, seed))
+            for path, read_bytes, array in _converted(reader, shapes, source, target, method,
+                                                      seed, groups):
+                largest = max(largest, read_bytes)
+                writer.write(path, array)
                 del array
+                signals.check(tmp)
             signals.check(tmp)
             writer.close()
             summary = ConversionSummary(
                 input=os.path.abspath(input_path), input_format=reader.format,
                 output=output_path, method=method, seed=seed, source_config=source,
                 target_config=target, step=reader.step, num_arrays=len(shapes),
-                largest_array_bytes=largest, seconds=time.perf_counter() - start)
+                largest_array_bytes=largest, seconds=time.perf_counter() - start,
+                grouping=grouping, groups=groups)
             with open(os.path.join(tmp, CONVERSION_FILE), "w") as f:
                 json.dump(summary.to_dict(), f, indent=2)
             signals.check(tmp)
@@ -142,3 +156,33 @@ def convert_checkpoint(input_path: str, output_path: str, num_kv_heads: int,
                 shutil.rmtree(tmp)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _converted(reader, shapes, source: TransformerConfig, target: TransformerConfig, method: str,
+               seed: int, groups: dict[str, Groups] | None):
+    """(path, bytes read, converted array) for every array of the checkpoint, in `shapes`
+    order; the kernels of an attention that "aligned" converts come together when its first
+    kernel's turn comes."""
+    biases = bias_groups(groups, target) if groups is not None else {}
+    done = set()
+    for path in shapes:
+        module = "/".join(path[:3])
+        if groups is not None and module in groups and path[3:] in [(k, "kernel") for k in
+                                                                       KERNELS]:
+            if module in done:
+                continue
+            done.add(module)
+            kernels = {k: reader.read(path[:3] + (k, "kernel")) for k in KERNELS}
+            read_bytes = max(a.nbytes for a in kernels.values())
+            kind = kv_kernel_kind(path[:3] + ("key", "kernel"))
+            converted = convert_attention(kernels, kind, source, target, groups[module])
+            del kernels
+            for k in KERNELS:
+                yield path[:3] + (k, "kernel"), read_bytes, converted.pop(k)
+            continue
+        array = reader.read(path)
+        if path in biases:
+            yield path, array.nbytes, permute_bias(array, biases[path])
+        else:
+            yield path, array.nbytes, convert_array(path, array, source, target, method, seed)
+        del array  # before the next read: memory holds one array

@@ -4,13 +4,17 @@ they gave before aligned pooling existed."""
 
 import hashlib
 import itertools
+import json
+import weakref
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gqa_t5x.conversion import alignment, grouping, pooling
+from gqa_t5x.checkpoints import load_checkpoint, open_checkpoint, save_checkpoint
+from gqa_t5x.cli import convert as convert_cli
+from gqa_t5x.conversion import alignment, grouping, pooling, streaming
 from gqa_t5x.model.config import TransformerConfig, with_kv_heads
 from gqa_t5x.model.network import Transformer
 
@@ -276,6 +280,74 @@ def test_method_and_grouping_errors_name_the_problem():
         pooling.convert_params(params, CONFIG, target, "aligned", grouping="random")
     with pytest.raises(ValueError, match="unknown pooling method 'median'"):
         pooling.convert_params(params, CONFIG, target, "median")
+
+
+# ---- streaming ----------------------------------------------------------------------------------
+
+
+class CountingReader:
+    """A checkpoint reader that records the most arrays it handed out that were alive at once."""
+
+    def __init__(self, reader):
+        self._reader = reader
+        self.alive, self.most = 0, 0
+
+    def __getattr__(self, name):
+        return getattr(self._reader, name)
+
+    def _released(self):
+        self.alive -= 1
+
+    def read(self, path):
+        array = self._reader.read(path)
+        self.alive += 1
+        self.most = max(self.most, self.alive)
+        weakref.finalize(array, self._released)
+        return array
+
+
+def test_streaming_aligned_equals_in_memory(tmp_path, monkeypatch):
+    params = rotated_heads(init_params(CONFIG, seed=8), CONFIG, lambda kind, i: [[0, 3], [1, 2]],
+                           kinds=ALL, noise=0.2)
+    save_checkpoint(str(tmp_path / "src"), params, CONFIG)
+    readers = []
+
+    def counting_open(*args):
+        readers.append(CountingReader(open_checkpoint(*args)))
+        return readers[-1]
+
+    monkeypatch.setattr(streaming, "open_checkpoint", counting_open)
+    summary = streaming.convert_checkpoint(str(tmp_path / "src"), str(tmp_path / "out"), 2,
+                                           method="aligned", grouping="similarity", grouped=ALL)
+    target = with_kv_heads(CONFIG, 2, ALL)
+    expected = pooling.convert_params(params, CONFIG, target, "aligned", grouping="similarity")
+    loaded, config = load_checkpoint(str(tmp_path / "out"))
+    assert config == target
+    assert digest(loaded) == digest(expected)
+    # one attention's four kernels at a time, never more
+    assert readers[0].most == 4
+    recorded = json.loads((tmp_path / "out" / "conversion.json").read_text())
+    assert recorded["grouping"] == "similarity"
+    assert recorded["groups"] == pooling.head_groups(params, CONFIG, target, "similarity")
+    assert recorded["groups"]["decoder/layers_1/self_attention"] == [[0, 3], [1, 2]]
+    assert summary.groups == recorded["groups"]
+
+
+def test_cli_converts_with_aligned(tmp_path, capsys):
+    params = init_params(CONFIG, seed=9)
+    save_checkpoint(str(tmp_path / "src"), params, CONFIG)
+    rc = convert_cli.main(["--input", str(tmp_path / "src"), "--output", str(tmp_path / "out"),
+                           "--num_kv_heads", "1", "--method", "aligned"])
+    assert rc == 0
+    assert "method aligned (contiguous groups)" in capsys.readouterr().out
+    loaded, _ = load_checkpoint(str(tmp_path / "out"))
+    expected = pooling.convert_params(params, CONFIG, with_kv_heads(CONFIG, 1), "aligned")
+    assert digest(loaded) == digest(expected)
+    rc = convert_cli.main(["--input", str(tmp_path / "src"), "--output", str(tmp_path / "o2"),
+                           "--num_kv_heads", "2", "--grouping", "similarity"])
+    assert rc == 1
+    assert "needs method 'aligned', not 'mean'" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
 
 
 # ---- the other methods are unchanged -----------------------------------------------------------
