@@ -2,18 +2,16 @@
 """Training throughput: tokens/s of one compiled train step (forward, backward, optimizer update).
 
 Measures gqa_t5x's `train.train_step` (Adafactor, T5 loss with z-loss) for the `tiny` preset and
-for a T5.1.1-small-width model (d_model 512, 8 heads x 64, MLP 1024, 4+4 layers, vocab 32128,
-inputs 512 / targets 128, batch 8, float32), and Hugging Face transformers' PyTorch T5 on the same
-shapes (with its Adafactor step) in the same process. Tokens count inputs and targets
-(batch x (512 + 128) per step).
+for config B ("small": `configs/config_b.toml`, its [model] and [train] tables: T5.1.1-small
+width, 4+4 layers, inputs 512 / targets 128, batch 8, float32), and Hugging Face transformers'
+PyTorch T5 on the same shapes (with its Adafactor step) in the same process. Tokens count inputs
+and targets (batch x (inputs + targets) per step).
 
   python scripts/train_throughput.py                  # both configs, jax and torch
   python scripts/train_throughput.py --configs=small --steps=5 --no-torch
   python scripts/train_throughput.py --configs=small --t5x   # also t5x, where it is installed
 
-Reference figures on the development machine (2 CPU cores), small width: t5x with its example
-network and Adafactor 7.96 s/step (643 tokens/s); flaxformer 5.11 s; transformers' PyTorch T5
-3.38 s (1515 tokens/s).
+Figures measured with it are in docs/measurements.md.
 """
 
 from __future__ import annotations
@@ -28,17 +26,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from gqa_t5x.checkpoints import hf as hf_mapping
+from gqa_t5x.experiments import configs
 from gqa_t5x.model.config import TransformerConfig, get_config
 from gqa_t5x.training import models, optim, partitioning, train, train_state
 
+# t5x on config B, for the ratio where t5x is not installed (docs/measurements.md).
 T5X_REFERENCE_TOKENS_PER_SEC = 643.0
 
+_B_TRAIN = configs.load("config_b")["train"]
 SHAPES = {
     # name: (config, batch, inputs length, targets length)
     "tiny": (get_config("tiny"), 8, 64, 16),
-    "small": (TransformerConfig(vocab_size=32128, emb_dim=512, num_heads=8, num_kv_heads=8,
-                                head_dim=64, mlp_dim=1024, num_encoder_layers=4,
-                                num_decoder_layers=4), 8, 512, 128),
+    "small": (configs.model_config("config_b"), _B_TRAIN["batch_size"],
+              _B_TRAIN["inputs_length"], _B_TRAIN["targets_length"]),
 }
 
 

@@ -1,7 +1,7 @@
 """`gqa-bench`: flags -> `benchmark.run_benchmark`; prints the table and where results went.
 
-Without --preset the model is the CPU benchmark shape (d_model 512, 8 heads x 64, mlp 1024,
-4 + 4 layers, vocab 32128); width flags override either.
+Without --preset the model and the decode shape (batch, input length, steps) are config B,
+`configs/config_b.toml`; width flags override either.
 """
 
 from __future__ import annotations
@@ -9,21 +9,22 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gqa_t5x.experiments import benchmark
+from gqa_t5x.experiments import benchmark, configs
 from gqa_t5x.model.config import PRESETS, TransformerConfig, get_config
 
-_DEFAULT_SHAPE = dict(vocab_size=32128, emb_dim=512, num_heads=8, head_dim=64, mlp_dim=1024,
-                      num_encoder_layers=4, num_decoder_layers=4)
+CONFIG = "config_b"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    decode = configs.load(CONFIG)["decode"]
     p = argparse.ArgumentParser(prog="gqa-bench", description=__doc__.splitlines()[0])
     p.add_argument("--preset", choices=sorted(PRESETS), help="model size preset")
     for name in ("emb_dim", "num_heads", "head_dim", "mlp_dim", "num_layers", "vocab_size"):
         p.add_argument(f"--{name}", type=int, help="override the preset's " + name)
-    p.add_argument("--input_length", type=int, default=1024)
-    p.add_argument("--output_length", type=int, default=128, help="greedy steps (exactly)")
-    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--input_length", type=int, default=decode["input_length"])
+    p.add_argument("--output_length", type=int, default=decode["decode_steps"],
+                   help="greedy steps (exactly)")
+    p.add_argument("--batch_size", type=int, default=decode["batch_size"])
     p.add_argument("--groups", help="comma-separated GQA groups (default: divisors of heads)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--repeats", type=int, default=3, help="timed runs (median)")
@@ -49,7 +50,7 @@ def config_from_args(args: argparse.Namespace) -> TransformerConfig:
     if args.preset:
         config = get_config(args.preset)
     else:
-        config = TransformerConfig(**_DEFAULT_SHAPE, num_kv_heads=_DEFAULT_SHAPE["num_heads"])
+        config = configs.model_config(CONFIG)
     heads = overrides.get("num_heads", config.num_heads)
     return config.replace(**overrides, num_kv_heads=heads)
 

@@ -6,6 +6,9 @@ so an installed package reads the same files.
 
     load("config_b")            -> the dict of configs/config_b.toml
     model_config("config_b")    -> TransformerConfig from its [model] table
+    gin_bindings("tiny_pipeline") -> ["gqa_t5x.models.model_config.emb_dim = 128", ...]
+
+Shell scripts read them through `scripts/config_flags.py`.
 """
 
 from __future__ import annotations
@@ -38,3 +41,13 @@ def model_config(name: str, table: str = "model", **overrides: Any) -> Transform
     fields = dict(load(name)[table])
     fields.update(overrides)
     return TransformerConfig(**fields)
+
+
+def gin_bindings(name: str, table: str = "model",
+                 configurable: str = "gqa_t5x.models.model_config") -> list[str]:
+    """Gin bindings `<configurable>.<field> = <value>` of a table of `configs/<name>.toml`, for
+    runs configured with gin (`gqa-train --gin.<binding>`)."""
+    values = load(name).get(table)
+    if values is None:
+        raise KeyError(f"configs/{name}.toml has no [{table}] table")
+    return [f"{configurable}.{field} = {value!r}" for field, value in values.items()]

@@ -36,7 +36,10 @@ import seqio
 
 from gqa_t5x.data import metrics
 from gqa_t5x.data import synthetic as syn
+from gqa_t5x.experiments import configs
 from gqa_t5x.training import evaluate, models, optim, partitioning, train
+
+CONFIG = "sanity"  # configs/sanity.toml: the model and each task's steps
 
 # (metric key in the evaluator's output, trivial strategies, strategies that know the format)
 _TASK_METRICS = {
@@ -49,14 +52,24 @@ _TASK_METRICS = {
 
 @dataclasses.dataclass(frozen=True)
 class ModelSize:
-    """The tiny model of the check (T5.1.1 layout; `num_kv_heads` < `num_heads` is GQA)."""
+    """The tiny model of the check (T5.1.1 layout; `num_kv_heads` < `num_heads` is GQA); the
+    shape of the shipped check is `configs/sanity.toml`'s [model] (`ModelSize.from_config()`)."""
 
-    emb_dim: int = 128
-    num_heads: int = 8
+    emb_dim: int
+    num_heads: int
+    head_dim: int
+    mlp_dim: int
+    num_layers: int
     num_kv_heads: int | None = None
-    head_dim: int = 16
-    mlp_dim: int = 256
-    num_layers: int = 2
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+
+    @classmethod
+    def from_config(cls, name: str = CONFIG, **overrides) -> ModelSize:
+        """The [model] table of `configs/<name>.toml`, with `overrides` (None: keep)."""
+        fields = dict(configs.load(name)["model"])
+        fields.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**fields)
 
     def build(self, vocab_size: int) -> models.EncoderDecoderModel:
         """The model for a vocabulary of `vocab_size` ids (rounded up to a multiple of 128)."""
@@ -64,8 +77,19 @@ class ModelSize:
             "tiny", vocab_size=-(-vocab_size // 128) * 128, emb_dim=self.emb_dim,
             num_heads=self.num_heads, num_kv_heads=self.num_kv_heads or self.num_heads,
             head_dim=self.head_dim, mlp_dim=self.mlp_dim, num_encoder_layers=self.num_layers,
-            num_decoder_layers=self.num_layers, relative_attention_num_buckets=32,
-            relative_attention_max_distance=128, dropout_rate=0.0))
+            num_decoder_layers=self.num_layers,
+            relative_attention_num_buckets=self.relative_attention_num_buckets,
+            relative_attention_max_distance=self.relative_attention_max_distance,
+            dropout_rate=0.0))
+
+
+def task_settings(task: str, name: str = CONFIG) -> dict[str, float]:
+    """{"steps", "batch_size", "learning_rate"} of `task` in `configs/<name>.toml`."""
+    tasks = configs.load(name)["tasks"]
+    if task not in tasks:
+        raise ValueError(f"configs/{name}.toml has no [tasks.{task}]; it has "
+                         f"{', '.join(sorted(tasks))}")
+    return dict(tasks[task])
 
 
 @dataclasses.dataclass
@@ -171,8 +195,9 @@ def _first_and_last_train_loss(model_dir: str) -> tuple[float, float]:
     return (losses[0], losses[-1]) if losses else (math.nan, math.nan)
 
 
-def run_task(task: str, model_dir: str, *, steps: int = 300, batch_size: int = 32,
-             learning_rate: float = 0.01, size: ModelSize = ModelSize(),
+def run_task(task: str, model_dir: str, *, steps: int | None = None,
+             batch_size: int | None = None, learning_rate: float | None = None,
+             size: ModelSize | None = None,
              num_eval: int = 100, eval_batch_size: int = 50,
              feature_lengths: Mapping[str, int] | None = None,
              config: syn.SuiteConfig = syn.DEFAULT_CONFIG, prefix: str = "synthetic",
@@ -181,7 +206,9 @@ def run_task(task: str, model_dir: str, *, steps: int = 300, batch_size: int = 3
     should be empty: an existing checkpoint is resumed), evaluates it and scores the baselines.
 
     Args:
-      learning_rate: constant (Adafactor direction scale).
+      steps, batch_size, learning_rate: default the task's in `configs/sanity.toml`; the
+        learning rate is constant (Adafactor direction scale).
+      size: default `ModelSize.from_config()`.
       num_eval: validation examples decoded (greedy) and scored.
       feature_lengths: default `synthetic.SYNTHETIC_FEATURE_LENGTHS`.
       config, prefix: the suite; a config other than the default is registered as
@@ -194,6 +221,11 @@ def run_task(task: str, model_dir: str, *, steps: int = 300, batch_size: int = 3
             raise ValueError("a non-default SuiteConfig needs its own task prefix, not "
                              "'synthetic'")
         syn.register_synthetic_tasks(config, prefix=prefix)
+    defaults = task_settings(task)
+    steps = steps or int(defaults["steps"])
+    batch_size = batch_size or int(defaults["batch_size"])
+    learning_rate = learning_rate or float(defaults["learning_rate"])
+    size = size or ModelSize.from_config()
     name = f"{prefix}_{task}"
     lengths = dict(feature_lengths or syn.SYNTHETIC_FEATURE_LENGTHS[f"synthetic_{task}"])
     vocabulary = train.get_mixture_or_task(name).output_features["targets"].vocabulary

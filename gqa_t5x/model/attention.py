@@ -25,6 +25,10 @@ import jax.numpy as jnp
 from gqa_t5x.kernels import cpu as cpu_kernels
 from gqa_t5x.model import layers
 
+# Added to masked logits, and to beam-search scores of dropped candidates (decoding.py). exp()
+# of it is 0; beside it float32 drops any logit (its spacing at 1e10 is 1024), so a row with
+# every key masked (a padding query) is uniform, as in t5x; sums of it over a whole decode stay
+# far from float32's overflow.
 NEG_INF = -1e10
 
 
@@ -53,7 +57,7 @@ def make_decoder_mask(decoder_target_tokens, decoder_segment_ids=None):
 
 
 def mask_to_bias(mask, dtype=jnp.float32):
-    """bool mask -> additive bias (0 where allowed, -1e10 where masked), same shape."""
+    """bool mask -> additive bias (0 where allowed, NEG_INF where masked), same shape."""
     return jnp.where(mask, 0.0, NEG_INF).astype(dtype)
 
 

@@ -24,10 +24,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from gqa_t5x.model.attention import NEG_INF
 from gqa_t5x.model.network import Transformer
 
-# As t5x: large enough to drop a candidate, small enough not to overflow after additions.
-NEG_INF = -1.0e7
 METHODS = ("greedy", "sample", "beam")
 _CROSS_CACHE = "encoder_decoder_attention"
 

@@ -2,7 +2,9 @@
 short end-to-end run through the library's training and evaluation."""
 
 import collections
+import json
 import math
+import string
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ import sacrebleu
 from gqa_t5x.data import synthetic as syn
 from gqa_t5x.data.synthetic import language as sl
 from gqa_t5x.experiments import sanity
+from gqa_t5x.training import evaluate
 
 TINY = syn.SuiteConfig(
     language=sl.LanguageConfig(seed=3, num_entities=30, num_attributes=4, values_per_attribute=5,
@@ -79,7 +82,21 @@ def test_run_task_trains_evaluates_and_tabulates(tiny_tasks, tmp_path):
                              num_eval=8, eval_batch_size=4, feature_lengths=QA_LENGTHS,
                              config=TINY, prefix="test_sanity")
     assert result.steps == 4 and result.metric == "em"
-    assert 0.0 <= result.model <= 100.0
+    # EM by hand on the checkpoint's greedy predictions of the same 8 examples: TriviaQA's
+    # normalization (lowercase, punctuation to spaces, no articles), then string equality.
+    out = tmp_path / "predictions.jsonl"
+    evaluate.infer(str(out), checkpoint_path=str(tmp_path / "qa" / "checkpoint_4"),
+                   settings=evaluate.EvalSettings(mixture_or_task_name="test_sanity_qa",
+                                                  feature_lengths=QA_LENGTHS, batch_size=4,
+                                                  num_examples=8))
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+
+    def normalize(text):
+        text = "".join(" " if ch in string.punctuation else ch for ch in text.lower())
+        return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
+
+    em = 100.0 * np.mean([normalize(r["prediction"]) == normalize(r["targets"]) for r in records])
+    assert len(records) == 8 and result.model == pytest.approx(em)
     scored = sanity.text_baselines("qa", 8, TINY)
     assert result.baselines == pytest.approx({"entity": scored["entity"]})
     assert result.heuristics == pytest.approx({"attribute": scored["attribute"]})
