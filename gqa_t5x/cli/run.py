@@ -8,9 +8,12 @@
   --gin_bindings=BINDING   the same, in gin syntax ("MODEL_DIR='/tmp/run'"); repeatable
   --coordinator_address, --num_processes, --process_id   multi-host: jax.distributed
   --tfds_data_dir          TFDS data directory of the paper's tasks
+  --verbose                TensorFlow / absl / orbax log output, and tracebacks of errors
 
-Each main parses the flags and gin, calls one library function (`train.train`,
-`evaluate.evaluate`, `evaluate.infer`) and prints where the results went.
+Each main parses the flags and gin, checks the bindings (`gin_checks`), calls one library
+function (`train.train`, `evaluate.evaluate`, `evaluate.infer`) and prints where the results
+went. A mistake in the flags or bindings prints one line, `gqa-train: error: ...`, and exits 2;
+`--verbose` adds the traceback.
 """
 
 from __future__ import annotations
@@ -19,30 +22,41 @@ import argparse
 import importlib.resources
 import logging
 import os
+import re
 import sys
-from collections.abc import Sequence
+import textwrap
+import traceback
+from collections.abc import Callable, Sequence
 
 import gin
+
+from gqa_t5x.cli import quiet
 
 # The gin files shipped inside the package (gqa_t5x/gin/), wherever it is installed.
 PACKAGE_GIN_DIR = str(importlib.resources.files("gqa_t5x") / "gin")
 
 
-def parse_flags(argv: Sequence[str], description: str) -> argparse.Namespace:
-    """t5x-style flags -> Namespace(gin_file, gin_search_paths, gin_bindings, ...)."""
-    parser = argparse.ArgumentParser(description=description)
+def parse_flags(argv: Sequence[str], description: str, prog: str | None = None,
+                example: str = "") -> argparse.Namespace:
+    """t5x-style flags -> Namespace(gin_file, gin_search_paths, gin_bindings, verbose, ...)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     epilog=gin_help(example),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gin_file", action="append", default=[],
-                        help="gin file (repeatable)")
+                        help="gin file (repeatable); the shipped ones are listed below")
     parser.add_argument("--gin_search_paths", action="append", default=[],
                         help="comma-separated folders searched for gin files")
     parser.add_argument("--gin_bindings", action="append", default=[],
-                        help="a gin binding, NAME=VALUE (repeatable)")
+                        help="a gin binding, NAME=VALUE (repeatable); --gin.NAME=VALUE is the "
+                        "same")
     parser.add_argument("--coordinator_address", default=None,
                         help="host:port of process 0, for multi-host runs")
     parser.add_argument("--num_processes", type=int, default=None)
     parser.add_argument("--process_id", type=int, default=None)
     parser.add_argument("--tfds_data_dir", default=None,
                         help="TFDS data directory (sets $GQA_T5X_TFDS_DATA_DIR)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show TensorFlow/absl/orbax log output and error tracebacks")
     args, rest = parser.parse_known_args(list(argv))
     unknown = []
     for arg in rest:
@@ -56,8 +70,49 @@ def parse_flags(argv: Sequence[str], description: str) -> argparse.Namespace:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if not args.gin_file:
-        parser.error("give at least one --gin_file")
+        parser.error("give at least one --gin_file (see --help for the shipped ones)")
+    args.command_line_bindings = list(args.gin_bindings)
     return args
+
+
+_MACRO_LINE = re.compile(r"^([A-Z][A-Z0-9_]*)\s*=\s*(.+?)\s*(#.*)?$")
+_INCLUDE_LINE = re.compile(r"^include\s+'([^']+)'")
+
+
+def gin_help(example: str = "") -> str:
+    """The --help text on gin: the shipped gin files, each run file's macros (required ones
+    marked), the --gin.NAME=VALUE form and an example."""
+    lines = ["gin files shipped with the package (give them relative to it, e.g. "
+             "--gin_file=runs/pretrain.gin):"]
+    for folder in ("models", "attention", "runs", "t5x"):
+        path = os.path.join(PACKAGE_GIN_DIR, folder)
+        if os.path.isdir(path):
+            names = sorted(n for n in os.listdir(path) if n.endswith(".gin"))
+            lines.append(textwrap.fill(", ".join(names), 96,
+                                       initial_indent=f"  {folder + '/':11s} ",
+                                       subsequent_indent=" " * 14))
+    lines += ["", "macros of each run file (set with --gin.NAME=VALUE; * = required):"]
+    runs = os.path.join(PACKAGE_GIN_DIR, "runs")
+    for name in sorted(os.listdir(runs)) if os.path.isdir(runs) else ():
+        if not name.endswith(".gin"):
+            continue
+        macros, includes = [], []
+        with open(os.path.join(runs, name)) as f:
+            for line in f:
+                if m := _MACRO_LINE.match(line):
+                    macros.append(m.group(1) + ("*" if "gin.REQUIRED" in m.group(2) else ""))
+                elif m := _INCLUDE_LINE.match(line):
+                    includes.append(m.group(1))
+        more = f" (and those of {', '.join(includes)})" if includes else ""
+        lines.append(f"  runs/{name}{more}:")
+        lines.append(textwrap.fill(" ".join(macros), 96, initial_indent="    ",
+                                   subsequent_indent="    "))
+    lines += ["", "VALUE is a gin literal: numbers as they are (--gin.TRAIN_STEPS=1000), strings "
+              "in quotes (--gin.MODEL_DIR=\"'/tmp/run'\"), None, True, {'inputs': 64}."]
+    if example:
+        lines += ["", "example:", " \\\n".join("  " + part for part in example.split(" --"))
+                  .replace("\n  ", "\n    --")]
+    return "\n".join(lines)
 
 
 def parse_gin(files: Sequence[str], search_paths: Sequence[str] = (),
@@ -95,47 +150,112 @@ class _DropMessages(logging.Filter):
         return not str(record.msg).startswith(self.prefix)
 
 
-def _setup(argv, description):
-    args = parse_flags(sys.argv[1:] if argv is None else argv, description)
+def _setup(args: argparse.Namespace) -> None:
     if args.tfds_data_dir:
         os.environ["GQA_T5X_TFDS_DATA_DIR"] = args.tfds_data_dir
-    from gqa_t5x.training import partitioning  # noqa: PLC0415 - after the environment is set
+    if not args.verbose:
+        quiet.silence_libraries()  # before TensorFlow and jax are first imported
+    from gqa_t5x.training import gin_checks, partitioning  # noqa: PLC0415 - after the environment
 
     partitioning.initialize_distributed(args.coordinator_address, args.num_processes,
                                         args.process_id)
     parse_gin(args.gin_file, args.gin_search_paths, args.gin_bindings)
-    return args
+    gin_checks.check_unused_macros(args.command_line_bindings)
+    gin_checks.check_required_macros()
+    gin_checks.check_value_types()
+
+
+# Mistakes in flags, bindings, paths or data: one line and exit 2 (argparse's code for usage
+# errors). Anything else is a bug or a fault of the machine and keeps its traceback.
+USER_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError,
+               NotADirectoryError, IsADirectoryError, SyntaxError)
+
+
+def _one_line(e: BaseException) -> str:
+    """The error's message without gin's appended 'In call to configurable ...' lines, with
+    the configurable named once; newlines joined."""
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    configurables = re.findall(r"In call to configurable '([^']+)'", text)
+    text = re.split(r"\n\s*In call to configurable", text)[0]
+    text = " ".join(part.strip() for part in text.splitlines() if part.strip())
+    if configurables and configurables[-1] not in text:
+        text += f" (in gin configurable {configurables[-1]})"
+    return text or type(e).__name__
+
+
+def _main(prog: str, description: str, example: str, argv: Sequence[str] | None,
+          work: Callable[[], None]) -> int:
+    args = parse_flags(sys.argv[1:] if argv is None else argv, description, prog, example)
+    try:
+        _setup(args)
+        work()
+    except USER_ERRORS as e:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:  # NonFiniteLossError: the run stopped, not a usage error
+        if args.verbose:
+            traceback.print_exc()
+        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
     """gqa-train: `train.train()` configured by gin."""
-    _setup(argv, "Pre-train, uptrain or fine-tune a T5.1.1 model with GQA (gin-configured).")
-    from gqa_t5x.training import train  # noqa: PLC0415
 
-    result = train.train()
-    print(f"model dir: {result.model_dir}\nfinal checkpoint: {result.checkpoint}")
-    return 0
+    def work():
+        from gqa_t5x.training import train  # noqa: PLC0415
+
+        result = train.train()
+        print(f"model dir: {result.model_dir}\nfinal checkpoint: {result.checkpoint}")
+
+    return _main("gqa-train", "Pre-train, uptrain or fine-tune a T5.1.1 model with GQA "
+                 "(gin-configured).", _TRAIN_EXAMPLE, argv, work)
 
 
 def eval_main(argv: Sequence[str] | None = None) -> int:
     """gqa-eval: `evaluate.evaluate()` configured by gin."""
-    _setup(argv, "Evaluate a checkpoint on a seqio task's validation split.")
-    from gqa_t5x.training import evaluate  # noqa: PLC0415
 
-    metrics = evaluate.evaluate()
-    for name, value in sorted(metrics.items()):
-        print(f"{name}: {value:.4f}")
-    return 0
+    def work():
+        from gqa_t5x.training import evaluate  # noqa: PLC0415
+
+        metrics = evaluate.evaluate()
+        for name, value in sorted(metrics.items()):
+            print(f"{name}: {value:.4f}")
+
+    return _main("gqa-eval", "Evaluate a checkpoint on a seqio task's validation split.",
+                 _EVAL_EXAMPLE, argv, work)
 
 
 def infer_main(argv: Sequence[str] | None = None) -> int:
     """gqa-infer: `evaluate.infer()` configured by gin; writes JSONL predictions."""
-    _setup(argv, "Decode a seqio task's split and write predictions as JSONL.")
-    from gqa_t5x.training import evaluate  # noqa: PLC0415
 
-    path = evaluate.infer()
-    print(f"predictions: {path}")
-    return 0
+    def work():
+        from gqa_t5x.training import evaluate  # noqa: PLC0415
+
+        path = evaluate.infer()
+        print(f"predictions: {path}")
+
+    return _main("gqa-infer", "Decode a seqio task's split and write predictions as JSONL.",
+                 _INFER_EXAMPLE, argv, work)
+
+
+_TRAIN_EXAMPLE = ("gqa-train --gin_file=models/tiny.gin --gin_file=attention/mqa.gin "
+                  "--gin_file=runs/pretrain.gin --gin.MODEL_DIR=\"'/tmp/run'\" "
+                  "--gin.MIXTURE_OR_TASK_NAME=\"'synthetic_span_corruption'\" "
+                  "--gin.TASK_FEATURE_LENGTHS=\"{'inputs': 128, 'targets': 32}\" "
+                  "--gin.gqa_t5x.models.model_config.vocab_size=2176 "
+                  "--gin.TRAIN_STEPS=300 --gin.BATCH_SIZE=16 --gin.LOG_EVERY=50 "
+                  "--gin.CHECKPOINT_EVERY=100")
+_EVAL_EXAMPLE = ("gqa-eval --gin_file=runs/eval.gin --gin.MODEL_DIR=\"'/tmp/run'\" "
+                 "--gin.MIXTURE_OR_TASK_NAME=\"'synthetic_span_corruption'\" "
+                 "--gin.TASK_FEATURE_LENGTHS=\"{'inputs': 128, 'targets': 32}\"")
+_INFER_EXAMPLE = ("gqa-infer --gin_file=runs/infer.gin --gin.MODEL_DIR=\"'/tmp/run'\" "
+                  "--gin.MIXTURE_OR_TASK_NAME=\"'synthetic_span_corruption'\" "
+                  "--gin.TASK_FEATURE_LENGTHS=\"{'inputs': 128, 'targets': 32}\" "
+                  "--gin.INFER_OUTPUT_PATH=\"'/tmp/run/predictions.jsonl'\"")
 
 
 if __name__ == "__main__":

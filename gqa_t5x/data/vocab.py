@@ -53,7 +53,24 @@ def get_vocabulary(
     if extra_ids < 0:
         raise ValueError(f"get_vocabulary: extra_ids={extra_ids} must be >= 0")
     path = path or default_vocab_path()
-    return seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
+    return _Vocabulary(path, extra_ids=extra_ids)
+
+
+class _Vocabulary(seqio.SentencePieceVocabulary):
+    """seqio's vocabulary, whose first read says which file it could not read and how to give
+    a local one, instead of a TensorFlow file-system error (the default path is on Google Cloud
+    Storage, which most machines cannot read)."""
+
+    def _model_context(self):
+        try:
+            return super()._model_context()
+        except Exception as e:  # TensorFlow's file-system errors share no base class with OSError
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(
+                f"cannot read the SentencePiece vocabulary {self._sentencepiece_model_file} "
+                f"({detail}); the T5 vocabulary must be given as a local path: download "
+                f"{DEFAULT_VOCAB_PATH} and set {VOCAB_ENV_VAR}=/path/to/sentencepiece.model"
+            ) from None
 
 
 def train_sentencepiece(

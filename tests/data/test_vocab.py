@@ -1,5 +1,6 @@
 """Tests for gqa_t5x.vocab: T5 id conventions, sentinels, determinism, configuration."""
 
+import pytest
 import sentencepiece as spm
 
 from gqa_t5x.data import vocab
@@ -77,3 +78,14 @@ def test_get_vocabulary_rejects_negative_extra_ids():
 
     with pytest.raises(ValueError, match="extra_ids=-1"):
         vocab.get_vocabulary("x.model", extra_ids=-1)
+
+
+def test_unreadable_vocabulary_names_it_and_gqa_t5x_vocab(tmp_path):
+    missing = str(tmp_path / "missing.model")
+    with pytest.raises(ValueError) as e:
+        _ = vocab.get_vocabulary(missing).vocab_size
+    message = str(e.value)
+    assert message.startswith(f"cannot read the SentencePiece vocabulary {missing} (")
+    assert "must be given as a local path" in message
+    assert "GQA_T5X_VOCAB=/path/to/sentencepiece.model" in message
+    assert "\n" not in message
