@@ -4,8 +4,13 @@
         [--method mean|first|random|aligned] [--grouping contiguous|similarity] [--seed N]
         [--grouped decoder_self,cross[,encoder_self]]
         [--input_format auto|gqa_t5x|t5x|hf] [--model_preset NAME | --config_json FILE] [--force]
+        [--evaluate_on TASK [--evaluate_methods mean,aligned,aligned/similarity,...]
+         [--evaluate_batches N] [--evaluate_batch_size B] [--feature_lengths inputs=N,targets=M]]
 
-The work is `gqa_t5x.conversion.convert_checkpoint`.
+The work is `gqa_t5x.conversion.convert_checkpoint`; `--evaluate_on` then reports, for each
+conversion in `--evaluate_methods` (default: this one), the cross-entropy and the KL divergence
+from the source model on the first batches of TASK's validation split
+(`gqa_t5x.experiments.conversion_quality`; the source is held in memory for it).
 """
 
 from __future__ import annotations
@@ -47,6 +52,16 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true",
                    help="replace an existing --output that an earlier conversion wrote (never a "
                    "folder with other files, the current folder or one holding the input)")
+    evaluation = p.add_argument_group("measure what conversions keep (before uptraining)")
+    evaluation.add_argument("--evaluate_on", metavar="TASK",
+                            help="seqio task whose validation split to evaluate on")
+    evaluation.add_argument("--evaluate_methods", default=None,
+                            help="comma-separated conversions <method>[/<grouping>] to compare "
+                            "(default: --method, with /--grouping unless contiguous)")
+    evaluation.add_argument("--evaluate_batches", type=int, default=4)
+    evaluation.add_argument("--evaluate_batch_size", type=int, default=8)
+    evaluation.add_argument("--feature_lengths", default=None,
+                            help="inputs=N,targets=M (default: the task's)")
     return p.parse_args(argv)
 
 
@@ -61,18 +76,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         grouped = None
         if args.grouped is not None:
             grouped = tuple(g.strip() for g in args.grouped.split(",") if g.strip())
+        evaluation = _evaluation(args) if args.evaluate_on else None  # bad flags fail first
         summary = convert_checkpoint(
             args.input, args.output, args.num_kv_heads, method=args.method, seed=args.seed,
             grouped=grouped, input_format=args.input_format, source_config=source_config,
             force=args.force, grouping=args.grouping)
+        print(summary.format())
+        if evaluation is not None:
+            quality, variants, lengths = evaluation
+            results = quality.checkpoint_conversion_quality(
+                args.input, args.num_kv_heads, args.evaluate_on, variants=variants,
+                grouped=grouped, input_format=args.input_format, source_config=source_config,
+                seed=args.seed, num_batches=args.evaluate_batches,
+                batch_size=args.evaluate_batch_size, feature_lengths=lengths)
+            print(quality.format_quality(results, args.evaluate_on))
     except ConversionInterrupted as e:
         print(f"gqa-convert: {e}", file=sys.stderr)
         return e.exit_code
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         print(f"gqa-convert: error: {e}", file=sys.stderr)
         return 1
-    print(summary.format())
     return 0
+
+
+def _evaluation(args: argparse.Namespace):
+    """(the quality module, variants, feature lengths) for --evaluate_on, checked."""
+    # Imported only when asked: seqio and tensorflow take seconds to load.
+    from gqa_t5x.experiments import conversion_quality as quality  # noqa: PLC0415
+
+    variants = [v.strip() for v in (args.evaluate_methods or "").split(",") if v.strip()]
+    variants = variants or [quality.variant_name(args.method, args.grouping)]
+    for v in variants:
+        quality.parse_variant(v)
+    lengths = (quality.parse_feature_lengths(args.feature_lengths) if args.feature_lengths
+               else quality.default_feature_lengths(args.evaluate_on))
+    quality.get_mixture_or_task(args.evaluate_on)
+    return quality, variants, lengths
 
 
 if __name__ == "__main__":
