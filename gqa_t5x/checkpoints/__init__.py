@@ -18,7 +18,9 @@ from gqa_t5x.checkpoints.native import (
     open_checkpoint,
     resolve_gqa_checkpoint,
     resolve_run_checkpoint,
+    run_checkpoint_problem,
     save_checkpoint,
+    skipped_run_checkpoints,
     step_dir,
 )
 from gqa_t5x.checkpoints.t5x import CheckpointReader, infer_config_from_shapes
@@ -28,5 +30,6 @@ __all__ = [
     "GqaCheckpointReader", "HfT5Reader", "RunCheckpointReader", "config_from_hf_t5",
     "detect_format", "infer_config_from_shapes", "is_run_checkpoint", "latest_run_checkpoint",
     "load_checkpoint", "open_checkpoint", "params_from_hf_t5", "resolve_gqa_checkpoint",
-    "resolve_run_checkpoint", "save_checkpoint", "step_dir",
+    "resolve_run_checkpoint", "run_checkpoint_problem", "save_checkpoint",
+    "skipped_run_checkpoints", "step_dir",
 ]

@@ -178,26 +178,79 @@ class GqaCheckpointReader(T5xLegacyReader):
 class RunCheckpointReader(OrbaxTreeReader):
     """A training run's orbax checkpoint (`train_state.py`): `<MODEL_DIR>/checkpoint_<step>/` with
     `state/` (params, optimizer state), `config/` (the TransformerConfig as JSON) and `run/`
-    (JSON with the step). Given the run's MODEL_DIR, the newest step is read. Only the params are
-    read; the optimizer state is left alone."""
+    (JSON with the step). Given the run's MODEL_DIR, the newest complete step is read, and
+    `skipped` says why each newer one was not. Only the params are read; the optimizer state is
+    left alone."""
 
     def __init__(self, path: str):
         directory = resolve_run_checkpoint(path)
         if directory is None:
             raise ValueError(f"{path} is not a training checkpoint: expected "
                              f"{STEP_PREFIX}<step>/ with state/, config/ and run/")
-        super().__init__(os.path.join(directory, "state"))
+        self.skipped = [f"{p}: {why}" for p, why in skipped_run_checkpoints(path)
+                        if p != directory]
+        try:
+            super().__init__(os.path.join(directory, "state"))
+            self.config = TransformerConfig.from_dict(
+                read_json(os.path.join(directory, "config", "metadata")))
+            self.step = int(read_json(os.path.join(directory, "run", "metadata"))["step"])
+        except Exception as e:  # tensorstore and json raise many types for a damaged file
+            raise _unreadable(directory, e) from None
         self.path = path
         self.format = "gqa_t5x"
-        self.config = TransformerConfig.from_dict(
-            read_json(os.path.join(directory, "config", "metadata")))
-        self.step = int(read_json(os.path.join(directory, "run", "metadata"))["step"])
+        self.run_directory = directory
+
+    def read(self, path: Path) -> np.ndarray:
+        try:
+            return super().read(path)
+        except Exception as e:
+            raise _unreadable(self.run_directory, e) from None
+
+
+def _unreadable(directory: str, error: Exception) -> ValueError:
+    return ValueError(f"training checkpoint {directory} is unreadable "
+                      f"({run_checkpoint_problem(directory, error)}); give an earlier "
+                      f"{STEP_PREFIX}<step>/ folder as the input")
+
+
+_RUN_CHECKPOINT_FILES = ("config/metadata", "run/metadata", "state/_METADATA")
+_UNDECODABLE = re.compile(r'Error decoding local file "([^"]+)"')
+
+
+def run_checkpoint_problem(path: str, error: Exception | None = None) -> str | None:
+    """Why training checkpoint `path` is not complete (a missing file), or, given the `error`
+    reading it raised, why it is unreadable, in a line; None if nothing is known wrong."""
+    for item in _RUN_CHECKPOINT_FILES:
+        if not os.path.isfile(os.path.join(path, item)):
+            return f"{item} is missing"
+    if error is None:
+        return None
+    text = str(error).strip()
+    if match := _UNDECODABLE.search(text):
+        return f"{os.path.relpath(match.group(1), path)} is corrupt"
+    text = text.splitlines()[0] if text else type(error).__name__
+    return text.split(" See full TensorStore details")[0][:300]  # tensorstore adds the spec
 
 
 def is_run_checkpoint(path: str) -> bool:
     """Whether `path` is a complete `checkpoint_<step>` folder of a training run."""
-    return all(os.path.isfile(os.path.join(path, item, "metadata")) for item in ("config", "run")
-               ) and os.path.isdir(os.path.join(path, "state"))
+    return run_checkpoint_problem(path) is None
+
+
+def skipped_run_checkpoints(model_dir: str) -> list[tuple[str, str]]:
+    """(folder, reason) of each `checkpoint_<step>` under a MODEL_DIR newer than the newest
+    complete one, newest first."""
+    if not os.path.isdir(model_dir):
+        return []
+    steps = sorted(((int(m.group(1)), os.path.join(model_dir, n)) for n in os.listdir(model_dir)
+                    if (m := _STEP_DIR.fullmatch(n))), reverse=True)
+    skipped = []
+    for _, path in steps:
+        problem = run_checkpoint_problem(path)
+        if problem is None:
+            break
+        skipped.append((path, problem))
+    return skipped
 
 
 def latest_run_checkpoint(model_dir: str) -> str | None:

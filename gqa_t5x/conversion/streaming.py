@@ -61,6 +61,8 @@ class ConversionSummary:
     grouping: str = "contiguous"
     # {attention module path: lists of source kv heads, one per target kv head} ("aligned")
     groups: dict[str, Groups] | None = None
+    # newer checkpoints of a training run's MODEL_DIR that were not converted, and why
+    skipped: list[str] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -87,6 +89,7 @@ class ConversionSummary:
             f"step {self.step}; {self.seconds:.1f} s",
             f"  t5x checkpoint (INITIAL_CHECKPOINT_PATH): {step_dir(self.output, self.step)}",
         ]
+        lines += [f"  skipped {s}" for s in self.skipped]
         return "\n".join(lines)
 
 
@@ -146,7 +149,7 @@ def convert_checkpoint(input_path: str, output_path: str, num_kv_heads: int,
                 output=output_path, method=method, seed=seed, source_config=source,
                 target_config=target, step=reader.step, num_arrays=len(shapes),
                 largest_array_bytes=largest, seconds=time.perf_counter() - start,
-                grouping=grouping, groups=groups)
+                grouping=grouping, groups=groups, skipped=list(getattr(reader, "skipped", [])))
             with open(os.path.join(tmp, CONVERSION_FILE), "w") as f:
                 json.dump(summary.to_dict(), f, indent=2)
             signals.check(tmp)

@@ -177,7 +177,8 @@ def initial_state(model: models.EncoderDecoderModel, tx: optax.GradientTransform
                   seed: int, initial: InitialCheckpoint, log: run_log.RunLog):
     """(state, shardings, run info) of the run's start, in this order of precedence:
 
-    1. the newest complete checkpoint in `model_dir` (resume: state and run info as saved);
+    1. the newest checkpoint in `model_dir` that restores (resume: state and run info as saved;
+       newer unreadable ones are reported and moved aside);
     2. `initial.path`: its params, fresh optimizer state, its step (or 0 with "restart");
     3. random initialization from `seed`, step 0.
 
@@ -185,12 +186,12 @@ def initial_state(model: models.EncoderDecoderModel, tx: optax.GradientTransform
     budget is a fraction of the initial checkpoint's steps, "train_steps".
     """
     config = model.config
-    latest = manager.latest_step()
-    if latest is not None:
-        saved = train_state.read_config(train_state.step_dir(model_dir, latest))
-        _check_same_model(saved, config, f"MODEL_DIR {model_dir}")
+    if manager.latest_step() is not None:
         target, shardings = train_state.abstract_train_state(model, tx, mesh, input_shapes, seed)
-        state, run_info = train_state.restore(manager, latest, target)
+        state, run_info, latest = train_state.restore_newest_readable(
+            manager, model_dir, target,
+            lambda saved, _: _check_same_model(saved, config, f"MODEL_DIR {model_dir}"),
+            log.print)
         log.print(f"resuming from {train_state.step_dir(model_dir, latest)} "
                   f"({run_info['examples_seen']} examples seen)")
         return state, shardings, run_info

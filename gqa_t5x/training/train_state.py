@@ -123,6 +123,47 @@ def restore(manager: ocp.CheckpointManager, step: int, target_state: TrainState)
     return restored.state, dict(restored.run)
 
 
+def restore_newest_readable(manager: ocp.CheckpointManager, model_dir: str, target_state,
+                            check_config, report) -> tuple[Any, dict[str, Any], int] | None:
+    """(state, run info, step) of the newest checkpoint in `model_dir` that restores; None if
+    the folder has no checkpoint.
+
+    A newer checkpoint that does not restore (a truncated file, a missing metadata file: a disk
+    fault or a copy cut short) is `report`ed with the reason and, once an older one restores,
+    moved aside to `unreadable_checkpoint_<step>/` (kept for a look, never deleted; the run then
+    saves that step again). If none restores, ValueError lists them. `check_config(config,
+    path)` vets each checkpoint's model before its state is read.
+    """
+    unreadable: list[tuple[str, str]] = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        path = step_dir(model_dir, step)
+        try:
+            config = read_config(path)
+        except Exception as e:  # orbax and tensorstore raise many types for a damaged file
+            unreadable.append((path, checkpoints.run_checkpoint_problem(path, e)))
+            continue
+        check_config(config, path)
+        try:
+            state, run = restore(manager, step, target_state)
+        except Exception as e:
+            unreadable.append((path, checkpoints.run_checkpoint_problem(path, e)))
+            continue
+        for bad, why in unreadable:
+            aside = os.path.join(os.path.dirname(bad), "unreadable_" + os.path.basename(bad))
+            if jax.process_index() == 0:
+                os.rename(bad, aside)
+            report(f"{bad} is unreadable ({why}); moved it to {aside}, resuming from the "
+                   f"newest complete checkpoint, {path}")
+        if unreadable:
+            manager.reload()
+        return state, dict(run), step
+    if unreadable:
+        raise ValueError(f"MODEL_DIR {model_dir} has no readable checkpoint: " + "; ".join(
+            f"{p}: {why}" for p, why in unreadable) + ". Move them away to start afresh, or "
+            "use another MODEL_DIR")
+    return None
+
+
 def step_dir(model_dir: str, step: int) -> str:
     return checkpoints.step_dir(os.path.abspath(model_dir), step)
 
