@@ -1,18 +1,30 @@
-# Everything installs into .venv. torch comes first and pinned: an unpinned torch (pulled in by
-# transformers) would be a multi-GB CUDA build; 2.13.0 is a CPU build.
+# Everything installs into .venv. torch comes first, pinned, as its CPU build: on Linux, PyPI's
+# torch wheels are CUDA builds that pull in several GB of nvidia-* packages, and the CPU build
+# (version "+cpu") is on PyTorch's own index (TORCH_INDEX; empty: the configured indexes only).
+# macOS wheels on PyPI are CPU builds already.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+ifeq ($(shell uname -s),Linux)
+TORCH := torch==$(TORCH_VERSION)+cpu
+else
+TORCH := torch==$(TORCH_VERSION)
+endif
 
 .PHONY: install demo test test-fast lint bench clean
 
 $(VENV)/.installed: setup.py constraints.txt
+	@echo "== make install: virtual environment $(VENV)"
 	python3 -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip wheel setuptools
-	$(PIP) install --quiet torch==$(TORCH_VERSION)
-	$(PIP) install --quiet -c constraints.txt -e '.[test]'
+	@echo "== make install: $(TORCH) (CPU build)"
+	$(PIP) install --progress-bar off $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) '$(TORCH)'
+	@echo "== make install: gqa_t5x and its dependencies (constraints.txt)"
+	$(PIP) install --progress-bar off -c constraints.txt -e '.[test]'
 	touch $@
+	@echo "== make install: done ($(VENV))"
 
 install: $(VENV)/.installed
 

@@ -1,10 +1,15 @@
 """gqa-t5x: grouped-query attention for T5.1.1 encoder-decoders in JAX/Flax."""
 
+import re
+
 import setuptools
+
+with open("gqa_t5x/__init__.py", encoding="utf-8") as f:  # one version: gqa_t5x.__version__
+    VERSION = re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
 
 setuptools.setup(
     name="gqa-t5x",
-    version="0.1.0",
+    version=VERSION,
     description=(
         "Grouped-query (GQA) and multi-query (MQA) attention for T5.1.1 in JAX/Flax: "
         "checkpoint conversion, uptraining, fine-tuning, evaluation and decode benchmarks."
@@ -14,17 +19,20 @@ setuptools.setup(
     license="Apache-2.0",
     packages=setuptools.find_packages(include=["gqa_t5x", "gqa_t5x.*"]),
     package_data={
-        "gqa_t5x": ["gin/*/*.gin", "configs/*.toml"],  # configs: the top-level folder
-        "gqa_t5x.kernels": ["csrc/*.cc", "csrc/*.h"],  # compiled on first use
+        # gqa_t5x/configs links to the top-level configs/; the wheel gets the files themselves.
+        "gqa_t5x": ["gin/**/*.gin", "configs/*.toml"],
+        "gqa_t5x.kernels": ["csrc/*"],  # compiled on first use
     },
-    python_requires=">=3.10",
+    # The floors are the oldest releases the tests were run on: jax.set_mesh is new in jax 0.7.1
+    # (the public jax.ffi is older), and jax 0.7 needs Python 3.11.
+    python_requires=">=3.11",
     install_requires=[
         "numpy>=1.26",
-        "jax>=0.4.30",
-        "jaxlib>=0.4.30",
-        "flax>=0.8.5",
-        "optax>=0.2.2",
-        "orbax-checkpoint>=0.6.0",
+        "jax>=0.7.1",
+        "jaxlib>=0.7.1",
+        "flax>=0.11.2",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11.24",
         "tensorstore>=0.1.60",
         "msgpack>=1.0",
         "safetensors>=0.4",
