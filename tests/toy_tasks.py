@@ -39,7 +39,7 @@ def sequence_accuracy(targets, predictions):
     return {"sequence_accuracy": 100.0 * float(np.mean(hits))}
 
 
-def register(name: str = NAME, num_train: int = 512) -> str:
+def register(name: str = NAME, num_train: int = 512, metric_fns=(sequence_accuracy,)) -> str:
     """Registers (or replaces) the toy task `name`; returns the name."""
     vocabulary = seqio.PassThroughVocabulary(size=VOCAB_SIZE, eos_id=1)
     features = {k: seqio.Feature(vocabulary, add_eos=True, dtype=tf.int32)
@@ -52,7 +52,7 @@ def register(name: str = NAME, num_train: int = 512) -> str:
                                         splits=("train", "validation", "test")),
         preprocessors=[functools.partial(_to_dense), seqio.preprocessors.append_eos_after_trim],
         output_features=features,
-        metric_fns=[sequence_accuracy],
+        metric_fns=list(metric_fns),
     )
     return name
 

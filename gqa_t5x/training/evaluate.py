@@ -3,9 +3,10 @@
 
 Evaluation follows the paper: greedy decoding (unless `decoder_params` says otherwise) on the
 validation split, the task's seqio metric functions (ROUGE, BLEU, F1/EM) on the decoded text, plus
-the teacher-forced per-token loss and accuracy of the split. Metrics are named "<task>/<metric>",
-e.g. "synthetic_qa/f1", the names `best_metric` refers to. For a mixture each of its tasks is
-evaluated.
+the teacher-forced per-token loss and accuracy of the split (the only metrics of a task without
+metric functions, such as span corruption; `infer` decodes those too). Metrics are named
+"<task>/<metric>", e.g. "synthetic_qa/f1", the names `best_metric` refers to. For a mixture each
+of its tasks is evaluated.
 
 Every process holds the whole evaluation set; a batch is split over the mesh's `data` axis and
 the predictions come back to every process; process 0 writes.
@@ -101,6 +102,27 @@ class TaskEvaluator:
         self._eval = jax.jit(lambda params, batch: model.eval_fn(params, batch)[1],
                              out_shardings=replicated)
         self._params = None
+        # seqio's Evaluator drops tasks without metric functions (span corruption); they are
+        # evaluated here by teacher-forced loss and token accuracy, and decoded by `predictions`.
+        with_metrics = {t.name for t in self.evaluator.eval_tasks}
+        self._unscored = {}
+        for task in seqio.get_subtasks(get_mixture_or_task(settings.mixture_or_task_name)):
+            if task.name in with_metrics or settings.split not in task.splits:
+                continue
+            task_ds = task.get_dataset(dict(settings.feature_lengths), split=settings.split,
+                                       shuffle=False, num_epochs=1, use_cached=False)
+            if settings.num_examples is not None:
+                task_ds = task_ds.take(settings.num_examples)
+            model_ds = seqio.EncDecFeatureConverter(pack=False)(
+                task_ds, dict(settings.feature_lengths)).enumerate()
+            self._unscored[task.name] = (task, task_ds, model_ds)
+
+    def _tasks(self):
+        """(task, its examples, their enumerated model features) of every evaluated task."""
+        for task in self.evaluator.eval_tasks:
+            yield (task, self.evaluator.cached_task_datasets[task.name],
+                   self.evaluator.cached_model_datasets[task.name])
+        yield from self._unscored.values()
 
     def _batches(self, ds):
         """(indices, padded features) of `batch_size` rows from an enumerated dataset."""
@@ -127,8 +149,7 @@ class TaskEvaluator:
             out += [(i, float(scores[j])) for j, i in enumerate(indices)]
         return out
 
-    def _loss(self, task_name: str) -> dict[str, float]:
-        ds = self.evaluator.cached_model_datasets[task_name]
+    def _loss(self, ds) -> dict[str, float]:
         totals: dict[str, float] = {}
         for _, batch in self._batches(ds):
             sums = jax.device_get(self._eval(self._params, batch))
@@ -154,9 +175,9 @@ class TaskEvaluator:
                     value = getattr(value, "value", value)
                     if np.ndim(value) == 0:
                         flat[f"{task}/{name}"] = float(value)
-            if self.settings.loss:
-                for task in self.evaluator.eval_tasks:
-                    flat.update({f"{task.name}/{k}": v for k, v in self._loss(task.name).items()})
+            for task, _, model_ds in self._tasks():
+                if self.settings.loss or task.name in self._unscored:
+                    flat.update({f"{task.name}/{k}": v for k, v in self._loss(model_ds).items()})
             return flat
         finally:
             self._params = None
@@ -177,14 +198,12 @@ class TaskEvaluator:
         self._params = params
         records = []
         try:
-            for task in self.evaluator.eval_tasks:
-                ds = self.evaluator.cached_model_datasets[task.name]
-                pairs, aux = self._predict_with_aux_fn(ds)
+            for task, task_ds, model_ds in self._tasks():
+                pairs, aux = self._predict_with_aux_fn(model_ds)
                 order = np.argsort([i for i, _ in pairs])
                 vocabulary = task.output_features["targets"].vocabulary
                 inputs_vocabulary = task.output_features["inputs"].vocabulary
-                examples = list(self.evaluator.cached_task_datasets[task.name]
-                                .as_numpy_iterator())
+                examples = list(task_ds.as_numpy_iterator())
                 for rank in order:
                     index, tokens = pairs[rank]
                     ex = examples[index]
@@ -277,6 +296,9 @@ def evaluate(model_dir: str = gin.REQUIRED, *, settings: EvalSettings = gin.REQU
         metrics = evaluator.evaluate(params, step)
     finally:
         evaluator.close()
+    if not metrics:
+        raise ValueError(f"{settings.mixture_or_task_name!r} gave no metrics: its split "
+                         f"{settings.split!r} (EVAL_SPLIT) holds no examples")
     log = run_log.RunLog(model_dir)
     log.write(step, settings.split, dict(metrics, checkpoint_step=step))
     log.print(f"{checkpoint_path} ({settings.split}): " + ", ".join(

@@ -1,6 +1,7 @@
 """Evaluation and inference on a checkpoint; the end-to-end pretrain -> convert -> uptrain ->
 fine-tune -> eval -> infer path through the console-script functions on the synthetic suite."""
 
+import dataclasses
 import json
 import os
 
@@ -73,8 +74,15 @@ def test_evaluate_writes_metrics_and_loss_matches_numpy(trained):
     hits = [p == _until_eos(ex["decoder_target_tokens"])
             for p, ex in zip(_greedy_predictions(module, params), _validation_features())]
     assert metrics[f"{TASK}/sequence_accuracy"] == pytest.approx(100.0 * np.mean(hits))
-    total, tokens = 0.0, 0
-    for ex in _validation_features():
+    loss, _ = _numpy_loss_and_token_accuracy(module, params)
+    assert metrics[f"{TASK}/loss"] == pytest.approx(loss, rel=1e-4)
+
+
+def _numpy_loss_and_token_accuracy(module, params, num_examples=None):
+    """Per-token cross-entropy (+ z-loss) and argmax accuracy from the module's logits, in
+    numpy, over the validation examples."""
+    total, tokens, hits = 0.0, 0, 0
+    for ex in _validation_features()[:num_examples]:
         logits = np.asarray(module.apply(
             {"params": params}, ex["encoder_input_tokens"][None], ex["decoder_input_tokens"][None],
             ex["decoder_target_tokens"][None], enable_dropout=False), np.float64)[0]
@@ -82,8 +90,30 @@ def test_evaluate_writes_metrics_and_loss_matches_numpy(trained):
         for t, target in enumerate(ex["decoder_target_tokens"]):
             if ex["decoder_loss_weights"][t]:
                 total += log_z[t] - logits[t, target] + 1e-4 * log_z[t] ** 2
+                hits += int(np.argmax(logits[t]) == target)
                 tokens += 1
-    assert metrics[f"{TASK}/loss"] == pytest.approx(total / tokens, rel=1e-4)
+    return total / tokens, hits / tokens
+
+
+def test_task_without_metric_functions_gets_loss_token_accuracy_and_predictions(trained,
+                                                                               tmp_path):
+    # The toy task's data with no metric functions, as span corruption has none.
+    name = toy_tasks.register("toy_reverse_no_metrics", metric_fns=())
+    settings = evaluate.EvalSettings(mixture_or_task_name=name,
+                                     feature_lengths=toy_tasks.LENGTHS, batch_size=4)
+    metrics = evaluate.evaluate(str(trained), settings=settings)
+    assert sorted(metrics) == [f"{name}/loss", f"{name}/token_accuracy"]
+    params, config, _ = train_state.read_train_checkpoint(str(trained / "checkpoint_20"))
+    module = models.build_model(config).module
+    loss, accuracy = _numpy_loss_and_token_accuracy(module, params)
+    assert metrics[f"{name}/loss"] == pytest.approx(loss, rel=1e-4)
+    assert metrics[f"{name}/token_accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    out = tmp_path / "preds.jsonl"
+    evaluate.infer(str(out), checkpoint_path=str(trained / "checkpoint_20"),
+                   settings=dataclasses.replace(settings, num_examples=6))
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["index"] for r in records] == list(range(6))
+    assert [r["prediction"] for r in records] == _greedy_predictions(module, params)[:6]
 
 
 def test_infer_writes_one_record_per_example(trained, tmp_path):
