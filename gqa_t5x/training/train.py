@@ -24,6 +24,7 @@ instead, the run trains for `uptrain_fraction x` the initial checkpoint's step c
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import os
 import time
@@ -286,14 +287,28 @@ def _best_metrics(eval_settings: evaluate.EvalSettings | None,
     return eval_metrics
 
 
-def _write_run_files(model_dir: str, config: TransformerConfig) -> None:
+def _write_run_files(model_dir: str, config: TransformerConfig, step: int,
+                     log: run_log.RunLog) -> None:
     """config.gin (the gin configuration, resolved) and model_config.json beside the
-    checkpoints."""
+    checkpoints. A resumed run whose configuration differs keeps the recorded config.gin as
+    config.before_step_<step>.gin and says which bindings changed."""
     if jax.process_index() != 0:
         return
     os.makedirs(model_dir, exist_ok=True)
-    with open(os.path.join(model_dir, "config.gin"), "w") as f:
-        f.write(gin.config_str())
+    path, new = os.path.join(model_dir, "config.gin"), gin.config_str()
+    if os.path.exists(path):
+        with open(path) as f:
+            old = f.read()
+        if old != new:
+            kept = os.path.join(model_dir, f"config.before_step_{step}.gin")
+            os.replace(path, kept)
+            changed = sorted({line[2:].split(" =")[0].strip() for line in
+                              difflib.ndiff(old.splitlines(), new.splitlines())
+                              if line[:2] in ("- ", "+ ") and " =" in line})
+            log.print(f"config.gin: the gin configuration differs from the recorded one "
+                      f"({', '.join(changed) or 'layout'}); the recorded one is kept as {kept}")
+    with open(path, "w") as f:
+        f.write(new)
     with open(os.path.join(model_dir, "model_config.json"), "w") as f:
         f.write(config.to_json())
 
@@ -392,12 +407,16 @@ def train(
             raise ValueError(f"{model_dir}: uptrain_fraction given but the checkpoint records no "
                              "step budget; set train_steps")
     step = int(jax.device_get(state.step))
+    if step > train_steps:
+        raise ValueError(f"MODEL_DIR {model_dir} is at step {step}, past train_steps "
+                         f"(TRAIN_STEPS) = {train_steps}: give TRAIN_STEPS of at least {step}, "
+                         "or another MODEL_DIR")
     if dropped := log.drop_after(step):
         log.print(f"metrics.jsonl: removed {dropped} rows after step {step}, which this run "
                   "redoes")
     run_info.update(train_steps=train_steps, batch_size=batch_size, task=mixture_or_task_name,
                     shuffle_seed=shuffle_seed)
-    _write_run_files(model_dir, config)
+    _write_run_files(model_dir, config, step, log)
 
     # -- data, step function, evaluator
     batches = train_dataset(mixture_or_task_name, lengths, host_batch,

@@ -113,3 +113,45 @@ def test_library_noise_is_held_back_unless_verbose(tmp_path):
     assert loud.returncode == 2
     assert "Traceback" in loud.stderr
     assert len(loud.stderr.splitlines()) > 5
+
+
+def test_initial_checkpoint_with_the_pretrain_file_is_refused(capsys, tmp_path):
+    rc, err = run(capsys, run_cli.train_main, *PRETRAIN, f"--gin.MODEL_DIR='{tmp_path}'",
+                  f"--gin.INITIAL_CHECKPOINT_PATH='{tmp_path}/converted'")
+    assert rc == 2
+    assert err.startswith(f"gqa-train: error: --gin.INITIAL_CHECKPOINT_PATH='{tmp_path}/converted'"
+                          ": no configurable reads the macro INITIAL_CHECKPOINT_PATH;")
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.slow
+def test_train_steps_below_the_checkpoint_is_refused_and_config_gin_kept(capsys, tmp_path):
+    import toy_tasks  # noqa: PLC0415 - registers the toy task
+
+    toy_tasks.enable_compilation_cache()
+    task = toy_tasks.register()
+    lengths = toy_tasks.LENGTHS
+    args = [*PRETRAIN, f"--gin.MODEL_DIR='{tmp_path}'", f"--gin.MIXTURE_OR_TASK_NAME='{task}'",
+            f"--gin.TASK_FEATURE_LENGTHS={lengths}", "--gin.BATCH_SIZE=8",
+            f"--gin.gqa_t5x.models.model_config.vocab_size={toy_tasks.VOCAB_SIZE}",
+            "--gin.CHECKPOINT_EVERY=5", "--gin.LOG_EVERY=5"]
+    assert run(capsys, run_cli.train_main, *args, "--gin.TRAIN_STEPS=5")[0] == 0
+    first = (tmp_path / "config.gin").read_text()
+    assert "TRAIN_STEPS = 5" in first
+    gin.clear_config()
+    rc = run_cli.train_main([*args, "--gin.TRAIN_STEPS=10"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert (f"config.gin: the gin configuration differs from the recorded one (TRAIN_STEPS); the "
+            f"recorded one is kept as {tmp_path}/config.before_step_5.gin") in out
+    assert (tmp_path / "config.before_step_5.gin").read_text() == first
+    assert "TRAIN_STEPS = 10" in (tmp_path / "config.gin").read_text()
+    second = (tmp_path / "config.gin").read_bytes()
+    gin.clear_config()
+    rc, err = run(capsys, run_cli.train_main, *args, "--gin.TRAIN_STEPS=3")
+    assert rc == 2
+    assert err.startswith(f"gqa-train: error: MODEL_DIR {tmp_path} is at step 10, past "
+                          "train_steps (TRAIN_STEPS) = 3: give TRAIN_STEPS of at least 10, or "
+                          "another MODEL_DIR")
+    assert err.count("\n") == 1
+    assert (tmp_path / "config.gin").read_bytes() == second
