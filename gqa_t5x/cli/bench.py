@@ -17,24 +17,34 @@ CONFIG = "config_b"
 
 def build_parser() -> argparse.ArgumentParser:
     decode = configs.load(CONFIG)["decode"]
-    p = argparse.ArgumentParser(prog="gqa-bench", description=__doc__.splitlines()[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), help="model size preset")
+    p = argparse.ArgumentParser(
+        prog="gqa-bench", description=__doc__.splitlines()[0],
+        epilog=f"Default model and decode shape: config B (configs/{CONFIG}.toml); results go "
+        "to --output_dir (benchmark_results/): benchmark.json, the table and the figure.")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="model size preset instead of config B (default: config B)")
     for name in ("emb_dim", "num_heads", "head_dim", "mlp_dim", "num_layers", "vocab_size"):
         p.add_argument(f"--{name}", type=int, help="override the preset's " + name)
-    p.add_argument("--input_length", type=int, default=decode["input_length"])
+    p.add_argument("--input_length", type=int, default=decode["input_length"],
+                   help="encoder input tokens (default: config B's, %(default)s)")
     p.add_argument("--output_length", type=int, default=decode["decode_steps"],
                    help="greedy steps (exactly)")
-    p.add_argument("--batch_size", type=int, default=decode["batch_size"])
-    p.add_argument("--groups", help="comma-separated GQA groups (default: divisors of heads)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--batch_size", type=int, default=decode["batch_size"],
+                   help="sequences decoded together (default: config B's, %(default)s)")
+    p.add_argument("--groups", help="comma-separated numbers of kv heads to time, e.g. 8,4,1 "
+                   "(1 = MQA, the head count = MHA; default: every divisor of the heads)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="parameter and activation dtype")
     p.add_argument("--repeats", type=int, default=3, help="timed runs (median)")
     p.add_argument("--recompute_cross_kv", action="store_true",
                    help="also time re-projecting cross K/V every step (t5x/flaxformer)")
     p.add_argument("--num_beams", type=int, default=0, help="also time beam search (0: no)")
     p.add_argument("--compare_hf", action="store_true",
                    help="also time transformers' PyTorch T5 generate (MHA, greedy)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output_dir", default="benchmark_results")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
+    p.add_argument("--output_dir", default="benchmark_results",
+                   help="folder for benchmark.json, the table and the figure (default: "
+                   "%(default)s)")
     p.add_argument("--force", action="store_true", help="overwrite existing results")
     return p
 

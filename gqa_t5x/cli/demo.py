@@ -11,11 +11,15 @@ from gqa_t5x.experiments.demo import DEMO_CONFIG, format_rows, run_demo
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--input_length", type=int, default=256)
-    parser.add_argument("--output_length", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = argparse.ArgumentParser(prog="gqa-demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--batch_size", type=int, default=8,
+                        help="sequences decoded together (default: %(default)s)")
+    parser.add_argument("--input_length", type=int, default=256,
+                        help="encoder input tokens (default: %(default)s)")
+    parser.add_argument("--output_length", type=int, default=32,
+                        help="greedy decoding steps (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the random model and inputs (default: %(default)s)")
     args = parser.parse_args(argv)
     cfg = DEMO_CONFIG
     print(f"model: {cfg.num_encoder_layers}+{cfg.num_decoder_layers} layers, d_model "
