@@ -80,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = convert_checkpoint(
             args.input, args.output, args.num_kv_heads, method=args.method, seed=args.seed,
             grouped=grouped, input_format=args.input_format, source_config=source_config,
-            force=args.force, grouping=args.grouping)
+            force=args.force, grouping=args.grouping, progress=sys.stderr)
         print(summary.format())
         if evaluation is not None:
             quality, variants, lengths = evaluation

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import time
 from collections.abc import Sequence
+from typing import TextIO
 
 from gqa_t5x.checkpoints import CheckpointWriter, open_checkpoint, step_dir
 from gqa_t5x.checkpoints.t5x import infer_config_from_shapes
@@ -43,6 +45,7 @@ from gqa_t5x.conversion.pooling import (
     param_shapes,
 )
 from gqa_t5x.model.config import ATTENTION_KINDS, TransformerConfig, with_kv_heads
+from gqa_t5x.progress import Progress
 
 
 @dataclasses.dataclass
@@ -104,7 +107,8 @@ def convert_checkpoint(input_path: str, output_path: str, num_kv_heads: int,
                        method: str = "mean", seed: int = 0,
                        grouped: Sequence[str] | None = None, input_format: str = "auto",
                        source_config: TransformerConfig | None = None,
-                       force: bool = False, grouping: str = "contiguous") -> ConversionSummary:
+                       force: bool = False, grouping: str = "contiguous",
+                       progress: TextIO | None = None) -> ConversionSummary:
     """Convert the checkpoint at `input_path` to `num_kv_heads` kv heads in the `grouped`
     attentions (default: those the source groups, decoder self and cross for MHA) and write our
     checkpoint format to `output_path`.
@@ -112,7 +116,8 @@ def convert_checkpoint(input_path: str, output_path: str, num_kv_heads: int,
     `source_config` is needed only for t5x checkpoints whose shapes do not determine it
     (otherwise it is inferred; `relative_attention_max_distance` then stays 128). `grouping`
     ("contiguous" or "similarity", the latter for method "aligned") chooses which heads share a
-    kv head; conversion.json records the groups.
+    kv head; conversion.json records the groups. `progress` (e.g. sys.stderr) gets a line with
+    arrays and bytes done and an ETA every few seconds.
     """
     start = time.perf_counter()
     check_method(method, grouping)
@@ -136,10 +141,15 @@ def convert_checkpoint(input_path: str, output_path: str, num_kv_heads: int,
     with signals.active():
         try:
             writer = CheckpointWriter(tmp, target, step=reader.step)
+            total = sum(4 * math.prod(shape) for shape in shapes.values())  # read as float32
+            report = Progress("converting", len(shapes), "arrays", progress, total_bytes=total)
+            done = done_bytes = 0
             for path, read_bytes, array in _converted(reader, shapes, source, target, method,
                                                       seed, groups):
                 largest = max(largest, read_bytes)
                 writer.write(path, array)
+                done, done_bytes = done + 1, done_bytes + 4 * math.prod(shapes[path])
+                report.update(done, done_bytes)
                 del array
                 signals.check(tmp)
             signals.check(tmp)

@@ -17,8 +17,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TextIO
 
 import gin
 import jax
@@ -28,6 +29,7 @@ import seqio
 from gqa_t5x.data.registry import get_mixture_or_task
 from gqa_t5x.model import shapes
 from gqa_t5x.model.network import Transformer
+from gqa_t5x.progress import Progress
 from gqa_t5x.training import models, partitioning, run_log, train_state
 
 
@@ -102,6 +104,7 @@ class TaskEvaluator:
         self._eval = jax.jit(lambda params, batch: model.eval_fn(params, batch)[1],
                              out_shardings=replicated)
         self._params = None
+        self.progress: TextIO | None = None  # where decoding progress lines go (None: nowhere)
         # seqio's Evaluator drops tasks without metric functions (span corruption); they are
         # evaluated here by teacher-forced loss and token accuracy, and decoded by `predictions`.
         with_metrics = {t.name for t in self.evaluator.eval_tasks}
@@ -124,16 +127,20 @@ class TaskEvaluator:
                    self.evaluator.cached_model_datasets[task.name])
         yield from self._unscored.values()
 
-    def _batches(self, ds):
-        """(indices, padded features) of `batch_size` rows from an enumerated dataset."""
+    def _batches(self, ds, label: str | None = None):
+        """(indices, padded features) of `batch_size` rows from an enumerated dataset; with a
+        `label`, a progress line (batches done / total, ETA) goes to `self.progress`."""
         items = list(ds.as_numpy_iterator())
         bs = self.settings.batch_size
-        for start in range(0, len(items), bs):
+        report = Progress(label or "", -(-len(items) // bs), "batches",
+                          self.progress if label else None)
+        for done, start in enumerate(range(0, len(items), bs), 1):
             chunk = items[start:start + bs]
             indices = [int(i) for i, _ in chunk]
             keys = [k for k in chunk[0][1] if not k.endswith("_pretokenized")]
             feats = {k: np.stack([ex[k] for _, ex in chunk]) for k in keys}
             yield indices, partitioning.full_batch_to_global(_pad_rows(feats, bs), self.mesh)
+            report.update(done)
 
     def _predict_fn(self, ds, model_feature_shapes=None):
         del model_feature_shapes
@@ -185,7 +192,7 @@ class TaskEvaluator:
     def _predict_with_aux_fn(self, ds, model_feature_shapes=None):
         del model_feature_shapes
         pairs, scores = [], []
-        for indices, batch in self._batches(ds):
+        for indices, batch in self._batches(ds, "decoding"):
             tokens, aux = self._predict(self._params, batch)
             tokens, s = np.asarray(tokens), np.asarray(aux["scores"])
             pairs += [(i, tokens[j].tolist()) for j, i in enumerate(indices)]
@@ -292,6 +299,7 @@ def evaluate(model_dir: str = gin.REQUIRED, *, settings: EvalSettings = gin.REQU
     mesh = partitioning.create_mesh(model_parallel)
     model, params, step = load_model(checkpoint_path, mesh, model)
     evaluator = TaskEvaluator(model, mesh, settings)
+    evaluator.progress = sys.stderr if jax.process_index() == 0 else None
     try:
         metrics = evaluator.evaluate(params, step)
     finally:
@@ -325,6 +333,7 @@ def infer(output_path: str = gin.REQUIRED, *, settings: EvalSettings = gin.REQUI
     mesh = partitioning.create_mesh(model_parallel)
     model, params, _ = load_model(checkpoint_path, mesh, model)
     evaluator = TaskEvaluator(model, mesh, dataclasses.replace(settings, loss=False))
+    evaluator.progress = sys.stderr if jax.process_index() == 0 else None
     try:
         records = evaluator.predictions(params)
     finally:

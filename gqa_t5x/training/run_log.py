@@ -9,7 +9,6 @@ steps it redoes (`drop_after`), so metrics.jsonl keeps one row per step and spli
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -17,19 +16,7 @@ from collections.abc import Mapping
 
 import jax
 
-
-def format_duration(seconds: float) -> str:
-    """3725 -> '1h02m05s', 65 -> '1m05s', 4.2 -> '4s'."""
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    if h:
-        return f"{h}h{m:02d}m{s:02d}s"
-    if m:
-        return f"{m}m{s:02d}s"
-    return f"{s}s"
+from gqa_t5x.progress import format_duration  # noqa: F401 - also run_log's
 
 
 def progress_line(step: int, total: int, metrics: Mapping[str, float], steps_per_sec: float,

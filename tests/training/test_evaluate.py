@@ -2,6 +2,7 @@
 fine-tune -> eval -> infer path through the console-script functions on the synthetic suite."""
 
 import dataclasses
+import functools
 import json
 import os
 
@@ -17,6 +18,7 @@ from gqa_t5x.cli import convert as convert_cli
 from gqa_t5x.cli import run as run_cli
 from gqa_t5x.conversion import pooling as convert
 from gqa_t5x.model.config import get_config
+from gqa_t5x.progress import Progress
 from gqa_t5x.training import evaluate, models, optim, run_log, train, train_state
 
 TASK = toy_tasks.register()
@@ -221,3 +223,16 @@ def test_pretrain_convert_uptrain_finetune_eval_infer(tmp_path):
     assert all(r["inputs"].startswith("question: ") and isinstance(r["prediction"], str)
                for r in records)
     assert os.path.exists(ft / "config.gin")
+
+
+def test_decoding_reports_batches_done(trained, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(evaluate, "Progress", functools.partial(Progress, every=0.0))
+    evaluate.infer(str(tmp_path / "preds.jsonl"), checkpoint_path=str(trained / "checkpoint_20"),
+                   settings=evaluate.EvalSettings(mixture_or_task_name=TASK,
+                                                  feature_lengths=toy_tasks.LENGTHS,
+                                                  batch_size=4))
+    lines = [line for line in capsys.readouterr().err.splitlines()
+             if line.startswith("decoding:")]
+    assert [line.split(",")[0] for line in lines] == [
+        f"decoding: {i}/4 batches" for i in range(1, 5)]  # 16 validation examples
+    assert lines[-1].endswith("ETA 0s")
