@@ -20,13 +20,17 @@ def main(argv: list[str] | None = None) -> None:
                         help="greedy decoding steps (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the random model and inputs (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=9,
+                        help="timed decodes of each variant, interleaved; the table shows "
+                        "their median and range (default: %(default)s)")
     args = parser.parse_args(argv)
     cfg = DEMO_CONFIG
     print(f"model: {cfg.num_encoder_layers}+{cfg.num_decoder_layers} layers, d_model "
           f"{cfg.emb_dim}, {cfg.num_heads} heads x {cfg.head_dim}, vocab {cfg.vocab_size}; "
           f"batch {args.batch_size}, input {args.input_length}, {args.output_length} greedy "
           f"steps; decoder self- and cross-attention grouped, key/value heads mean-pooled")
-    rows = run_demo(cfg, args.batch_size, args.input_length, args.output_length, args.seed)
+    rows = run_demo(cfg, args.batch_size, args.input_length, args.output_length, args.seed,
+                    args.repeats)
     print(format_rows(rows))
 
 
