@@ -252,6 +252,31 @@ def test_similarity_grouping_finds_rotated_heads_that_contiguous_groups_miss():
     assert rel_error(logits(contiguous_, target), reference) > 1e-2
 
 
+def test_gqa_source_with_similar_kv_heads_converts_losslessly():
+    # 8 query heads reading 4 kv heads (2 each); kv heads {0, 3} and {1, 2} are rotations of
+    # each other, so similarity groups pool them exactly, moving query heads two at a time.
+    source = CONFIG.replace(num_heads=8, num_kv_heads=4, grouped=ALL)
+    params = init_params(source, seed=10)
+    rng = np.random.default_rng(10)
+    h = source.head_dim
+    for _, _, module in modules(params, source, ALL):
+        for proj in ("key", "value"):
+            kernel = module[proj]["kernel"]  # [D, 4*H]
+            for a, b in ((0, 3), (1, 2)):
+                kernel[:, b * h:(b + 1) * h] = kernel[:, a * h:(a + 1) * h] @ orthogonal(h, rng)
+    target = source.replace(num_kv_heads=2)
+    groups = pooling.head_groups(params, source, target, "similarity")
+    assert all(g == [[0, 3], [1, 2]] for g in groups.values()) and len(groups) == 6
+    converted = pooling.convert_params(params, source, target, "aligned", grouping="similarity")
+    np.testing.assert_array_equal(converted["encoder"]["relpos_bias"]["rel_embedding"],
+                                  params["encoder"]["relpos_bias"]["rel_embedding"][
+                                      [0, 1, 6, 7, 2, 3, 4, 5]])
+    reference = logits(params, source)
+    assert rel_error(logits(converted, target), reference) < 1e-5
+    mean = pooling.convert_params(params, source, target, "mean")
+    assert rel_error(logits(mean, target), reference) > 1e-2
+
+
 def test_aligned_is_deterministic_and_leaves_other_arrays_alone():
     params = init_params(CONFIG, seed=6)
     target = with_kv_heads(CONFIG, 2)
