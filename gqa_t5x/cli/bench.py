@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gqa_t5x.experiments import benchmark, configs
+from gqa_t5x.experiments import benchmark, benchmark_report, configs
 from gqa_t5x.model.config import PRESETS, TransformerConfig, get_config
 
 CONFIG = "config_b"
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileExistsError, ValueError) as e:
         print(f"gqa-bench: {e}", file=sys.stderr)
         return 2
-    print(benchmark.format_table(results))
+    print(benchmark_report.format_table(results))
     for path in results["paths"]:
         print(f"wrote {path}")
     return 0

@@ -288,12 +288,15 @@ def time_decoding(module: Transformer, params, tokens, settings: BenchmarkSettin
     once()
     once()
     runs = [once() for _ in range(settings.repeats)]
-    out = {key: statistics.median(r[key] for r in runs)
-           for key in ("encoder_s", "cache_init_s", "decode_s")}
+    for r in runs:
+        r["sample_s"] = (r["encoder_s"] + r["cache_init_s"] + r["decode_s"]) / len(tokens)
+    keys = ("encoder_s", "cache_init_s", "decode_s")
+    out = {key: statistics.median(r[key] for r in runs) for key in keys}
     out["steps"] = runs[0]["steps"]
     out["step_ms"] = 1e3 * out["decode_s"] / out["steps"]
     out["sample_s"] = (out["encoder_s"] + out["cache_init_s"] + out["decode_s"]) / len(tokens)
     out["cache_bytes"] = runs[0]["cache_bytes"]
+    out["repeats"] = {key: [r[key] for r in runs] for key in keys + ("sample_s",)}
     return out
 
 
@@ -315,7 +318,9 @@ def time_hf(config: TransformerConfig, tokens: np.ndarray, settings: BenchmarkSe
     mask = torch.ones_like(ids)
     n = settings.output_length
 
-    def timed(fn):
+    all_times = {}
+
+    def timed(fn, name):
         with torch.inference_mode():
             fn()
             times = []
@@ -323,20 +328,23 @@ def time_hf(config: TransformerConfig, tokens: np.ndarray, settings: BenchmarkSe
                 start = time.perf_counter()
                 out = fn()
                 times.append(time.perf_counter() - start)
+        all_times[name] = times
         return statistics.median(times), out
 
     def generate(steps):
         return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps,
                               min_new_tokens=steps, do_sample=False, num_beams=1)
 
-    encoder_s, _ = timed(lambda: model.encoder(input_ids=ids, attention_mask=mask))
-    first_s, _ = timed(lambda: generate(1))
-    total_s, out = timed(lambda: generate(n))
+    encoder_s, _ = timed(lambda: model.encoder(input_ids=ids, attention_mask=mask), "encoder_s")
+    first_s, _ = timed(lambda: generate(1), "first_step_s")
+    total_s, out = timed(lambda: generate(n), "total_s")
     steps = out.shape[1] - 1  # generate's output starts with the decoder start token
     # Per step from the difference of two lengths: robust to generate's fixed overheads.
     step_s = (total_s - first_s) / max(steps - 1, 1)
     return {"encoder_s": encoder_s, "decode_s": total_s - encoder_s, "steps": int(steps),
-            "step_ms": 1e3 * step_s, "sample_s": total_s / len(ids)}
+            "step_ms": 1e3 * step_s, "sample_s": total_s / len(ids),
+            "repeats": {"encoder_s": all_times["encoder_s"],
+                        "sample_s": [t / len(ids) for t in all_times["total_s"]]}}
 
 
 # ---- the run ------------------------------------------------------------------------------------
@@ -365,6 +373,8 @@ def run_benchmark(config: TransformerConfig, settings: BenchmarkSettings, output
     results = _run(config, settings, groups, log)
     with open(paths[0], "w") as f:
         json.dump(results, f, indent=2)
+    from gqa_t5x.experiments.benchmark_report import plot  # noqa: PLC0415 - it imports this
+
     plot(results, paths[1])
     results["paths"] = paths
     return results
@@ -428,68 +438,6 @@ def _run(config: TransformerConfig, settings: BenchmarkSettings, groups: list[in
         "devices": [str(d) for d in jax.devices()],
         "rows": rows,
     }
-
-
-def format_table(results: dict) -> str:
-    """A text table of the measured and predicted figures."""
-    head = (f"{'model':<22}{'s/sample':>9}{'pred':>7}{'enc s':>8}{'pred':>7}{'init s':>8}"
-            f"{'loop s':>8}{'ms/step':>8}{'pred':>7}{'mv':>7}{'cache MiB':>10}")
-    lines = [head, "-" * len(head)]
-    for row in results["rows"]:
-        m, p = row["measured"], row["predicted"] or {}
-
-        def fmt(d, key, width, digits):
-            return f"{d[key]:>{width}.{digits}f}" if key in d else " " * (width - 1) + "-"
-
-        lines.append(
-            f"{row['name']:<22}{fmt(m, 'sample_s', 9, 3)}{fmt(p, 'sample_s', 7, 3)}"
-            f"{fmt(m, 'encoder_s', 8, 2)}{fmt(p, 'encoder_s', 7, 2)}"
-            f"{fmt(m, 'cache_init_s', 8, 3)}{fmt(m, 'decode_s', 8, 2)}"
-            f"{fmt(m, 'step_ms', 8, 1)}{fmt(p, 'step_ms', 7, 1)}{fmt(p, 'step_ms_matvec', 7, 1)}"
-            + (f"{m['cache_bytes'] / 2**20:>10.1f}" if "cache_bytes" in m else f"{'-':>10}"))
-    bw = results["bandwidth_bytes_per_s"] / 1e9
-    rate = results["matmul_flops_per_s"] / 1e9
-    on = results.get("cpu_kernels")  # absent from results of older versions
-    kernels = "" if on is None else f", CPU decode kernels {'on' if on else 'off'}"
-    lines.append(f"bandwidth {bw:.1f} GB/s, matmul {rate:.1f} GFLOP/s{kernels}")
-    if "logits_step_s" in results:
-        weight_bytes = logits_weight_bytes(TransformerConfig.from_dict(results["config"]))
-        lines.append(f"logits projection alone {results['logits_step_s'] * 1e3:.1f} ms/step "
-                     f"(bytes model {weight_bytes / results['bandwidth_bytes_per_s'] * 1e3:.1f}); "
-                     "pred: bytes model, mv: decoder weights at its rate")
-    return "\n".join(lines)
-
-
-def plot(results: dict, path: str) -> None:
-    """Time per sample against the number of groups, measured and predicted (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in results["rows"] if r["predicted"] is not None
-            and "recompute" not in r["name"]]
-    rows.sort(key=lambda r: r["groups"])
-    groups = [r["groups"] for r in rows]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(groups, [r["measured"]["sample_s"] for r in rows], "o-", label="measured")
-    ax.plot(groups, [r["predicted"]["sample_s"] for r in rows], "s--", label="bytes model")
-    if rows and "sample_s_matvec" in rows[0]["predicted"]:
-        ax.plot(groups, [r["predicted"]["sample_s_matvec"] for r in rows], "^:",
-                label="matvec model")
-    for r in results["rows"]:
-        if r["groups"] is None:
-            ax.axhline(r["measured"]["sample_s"], color="gray", ls=":", label=r["name"])
-    if groups:
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(groups, [str(g) for g in groups])
-    ax.set_xlabel("GQA groups")
-    ax.set_ylabel("time per sample (s)")
-    ax.set_ylim(bottom=0)
-    ax.legend(fontsize="small", loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def parse_groups(text: str | None) -> tuple[int, ...] | None:
