@@ -125,13 +125,12 @@ def head_groups_of(read: Callable[[Path], np.ndarray], source: TransformerConfig
     groups, reading key and value kernels with `read(path)` (one at a time, so that a streaming
     converter holds one kernel). Groups are lists of source kv heads, one list per target kv
     head, in the order of the target's kv heads."""
-    if grouping not in GROUPINGS:
-        raise ValueError(f"unknown grouping {grouping!r}; choose from {GROUPINGS}")
+    chosen = similarity_kinds(source, target, grouping)
     out: dict[str, Groups] = {}
     for kind in target.grouped:
         ks, kt = source.kv_heads(kind), target.kv_heads(kind)
         paths = attention_paths(source, kind)
-        if grouping == "contiguous" or kt in (1, ks):
+        if kind not in chosen:
             out.update({"/".join(p): contiguous_groups(ks, kt) for p in paths})
             continue
         distances = [sum(aligned_distances(split_heads(read(p + (proj, "kernel")), ks))
@@ -143,6 +142,19 @@ def head_groups_of(read: Callable[[Path], np.ndarray], source: TransformerConfig
             groups = similarity_groups(sum(distances), kt)
             out.update({"/".join(p): groups for p in paths})
     return out
+
+
+def similarity_kinds(source: TransformerConfig, target: TransformerConfig, grouping: str
+                     ) -> list[str]:
+    """The grouped attention kinds whose groups `grouping` chooses by similarity (not those
+    pooled into one kv head or not pooled at all); `head_groups_of` reads their key and value
+    kernels, 2 per layer."""
+    if grouping not in GROUPINGS:
+        raise ValueError(f"unknown grouping {grouping!r}; choose from {GROUPINGS}")
+    if grouping == "contiguous":
+        return []
+    return [kind for kind in target.grouped
+            if target.kv_heads(kind) not in (1, source.kv_heads(kind))]
 
 
 def query_order(groups: Groups, num_heads: int) -> list[int]:

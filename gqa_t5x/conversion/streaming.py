@@ -25,7 +25,15 @@ from typing import TextIO
 
 from gqa_t5x.checkpoints import CheckpointWriter, open_checkpoint, step_dir
 from gqa_t5x.checkpoints.t5x import infer_config_from_shapes
-from gqa_t5x.conversion.grouping import KERNELS, Groups, bias_groups, head_groups_of, permute_bias
+from gqa_t5x.conversion.grouping import (
+    KERNELS,
+    Groups,
+    attention_paths,
+    bias_groups,
+    head_groups_of,
+    permute_bias,
+    similarity_kinds,
+)
 from gqa_t5x.conversion.output import (
     CONVERSION_FILE,
     StopSignals,
@@ -130,8 +138,8 @@ def convert_checkpoint(input_path: str, output_path: str, num_kv_heads: int,
     check_shapes(shapes, param_shapes(source), where=f"checkpoint {input_path}")
     target = with_kv_heads(source, num_kv_heads, grouped)
     check_conversion(source, target)
-    groups = (head_groups_of(reader.read, source, target, grouping) if method == "aligned"
-              else None)
+    groups = (_choose_groups(reader, source, target, grouping, progress)
+              if method == "aligned" else None)
 
     os.makedirs(os.path.dirname(output_path), exist_ok=True)
     remove_stale_temporaries(output_path)
@@ -169,6 +177,24 @@ def convert_checkpoint(input_path: str, output_path: str, num_kv_heads: int,
                 shutil.rmtree(tmp)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _choose_groups(reader, source: TransformerConfig, target: TransformerConfig, grouping: str,
+                   progress: TextIO | None) -> dict[str, Groups]:
+    """`head_groups_of` over the checkpoint, with a progress line for the kernels it reads."""
+    total = sum(2 * len(attention_paths(source, k))
+                for k in similarity_kinds(source, target, grouping))
+    report = Progress("choosing groups", total, "key/value kernels", progress)
+    done = 0
+
+    def read(path):
+        nonlocal done
+        array = reader.read(path)
+        done += 1
+        report.update(done)
+        return array
+
+    return head_groups_of(read, source, target, grouping)
 
 
 def _converted(reader, shapes, source: TransformerConfig, target: TransformerConfig, method: str,

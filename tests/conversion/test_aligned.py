@@ -358,6 +358,22 @@ def test_streaming_aligned_equals_in_memory(tmp_path, monkeypatch):
     assert summary.groups == recorded["groups"]
 
 
+@pytest.mark.parametrize("k,grouped", [(2, ALL), (2, None), (1, ALL), (4, ALL)])
+def test_similarity_kinds_count_the_kernels_the_grouping_pass_reads(k, grouped):
+    params = init_params(CONFIG, seed=11)
+    target = with_kv_heads(CONFIG, k, grouped)
+    reads = []
+
+    def read(path):
+        reads.append(path)
+        return params[path[0]][path[1]][path[2]][path[3]][path[4]]
+
+    grouping.head_groups_of(read, CONFIG, target, "similarity")
+    kinds = grouping.similarity_kinds(CONFIG, target, "similarity")
+    assert len(reads) == sum(2 * len(grouping.attention_paths(CONFIG, kind)) for kind in kinds)
+    assert len(reads) == {(2, ALL): 12, (2, None): 8, (1, ALL): 0, (4, ALL): 0}[(k, grouped)]
+
+
 def test_cli_converts_with_aligned(tmp_path, capsys):
     params = init_params(CONFIG, seed=9)
     save_checkpoint(str(tmp_path / "src"), params, CONFIG)
