@@ -10,7 +10,8 @@ import argparse
 import sys
 
 from gqa_t5x.experiments import benchmark, benchmark_report, configs
-from gqa_t5x.model.config import PRESETS, TransformerConfig, get_config
+from gqa_t5x.model import kernel_choice
+from gqa_t5x.model.config import KERNEL_CHOICES, PRESETS, TransformerConfig, get_config
 
 CONFIG = "config_b"
 
@@ -35,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(1 = MQA, the head count = MHA; default: every divisor of the heads)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="parameter and activation dtype")
+    p.add_argument("--kernels", choices=KERNEL_CHOICES, default="auto",
+                   help="the config's kernels: 'xla' times XLA's ops alone, 'cpu' requires the "
+                        "compiled CPU decode kernels, 'auto' (default) takes them where they apply")
     p.add_argument("--repeats", type=int, default=3, help="timed runs (median)")
     p.add_argument("--recompute_cross_kv", action="store_true",
                    help="also time re-projecting cross K/V every step (t5x/flaxformer)")
@@ -57,6 +61,7 @@ def config_from_args(args: argparse.Namespace) -> TransformerConfig:
     if args.num_layers is not None:
         overrides["num_encoder_layers"] = overrides["num_decoder_layers"] = args.num_layers
     overrides["dtype"] = args.dtype
+    overrides["kernels"] = args.kernels
     if args.preset:
         config = get_config(args.preset)
     else:
@@ -67,7 +72,12 @@ def config_from_args(args: argparse.Namespace) -> TransformerConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    config = config_from_args(args)
+    try:
+        config = config_from_args(args)
+        kernel_choice.cpu_kernels(config.kernels)  # --kernels cpu: fail now, not after minutes
+    except (ValueError, RuntimeError) as e:
+        print(f"gqa-bench: {e}", file=sys.stderr)
+        return 2
     settings = benchmark.BenchmarkSettings(
         input_length=args.input_length, output_length=args.output_length,
         batch_size=args.batch_size, groups=benchmark.parse_groups(args.groups),

@@ -14,8 +14,9 @@ Beside each measurement stands the prediction of the bytes model:
 A second per-step figure, the matvec model, charges the decoder weights at the rate at which a
 [batch, D] x [D, V] product (the logits projection alone through `layers.dense`, timed on the
 spot) streams its weights instead of at bandwidth. With XLA's dot on CPU that rate is well below
-bandwidth (the products are built for many rows); with the compiled kernel of `cpu_kernels` it
-can be above the `jnp.sum` figure, and the matvec model is then the lower of the two.
+bandwidth (the products are built for many rows); with the compiled CPU kernel (the config's
+`kernels`, "auto" or "cpu") it can be above the `jnp.sum` figure, and the matvec model is then
+the lower of the two.
 
 The bytes model is a set of plain functions on a `TransformerConfig`; `run_benchmark` writes a
 table, `benchmark.json` and `time_per_sample.png` (time per sample against G, measured and
@@ -40,8 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gqa_t5x.checkpoints import hf as hf_mapping
-from gqa_t5x.kernels import cpu as cpu_kernels
-from gqa_t5x.model import decoding, layers
+from gqa_t5x.model import decoding, kernel_choice, layers
 from gqa_t5x.model.config import TransformerConfig
 from gqa_t5x.model.network import Transformer
 
@@ -219,8 +219,8 @@ def measure_logits_step(config: TransformerConfig, batch: int, steps: int = 64,
     """Seconds per decode step of the logits projection alone: [batch, emb] x [emb, vocab] in a
     jitted loop of `steps` dependent iterations (each feeds a slice of its output back, so that
     nothing is hoisted). The bytes model charges it only its weight bytes at bandwidth; this figure
-    shows the rate the model's own path (`layers.dense`: the CPU kernel where it applies, else
-    XLA's dot) reaches at this batch."""
+    shows the rate the model's own path (`layers.dense` with `config.kernels`: the CPU kernel
+    where it applies, else XLA's dot) reaches at this batch."""
     dtype = jnp.dtype(config.dtype)
     x = jnp.ones((batch, config.emb_dim), dtype)
     w = jax.random.normal(jax.random.PRNGKey(0), (config.emb_dim, config.vocab_size), dtype)
@@ -228,7 +228,7 @@ def measure_logits_step(config: TransformerConfig, batch: int, steps: int = 64,
     @jax.jit
     def loop(x, w):
         def body(_, h):  # h: [B, E]
-            logits = layers.dense(h, w)  # [B, V]
+            logits = layers.dense(h, w, config.kernels)  # [B, V]
             return h + 1e-6 * logits[:, :config.emb_dim]
         return jax.lax.fori_loop(0, steps, body, x)
 
@@ -388,7 +388,9 @@ def _run(config: TransformerConfig, settings: BenchmarkSettings, groups: list[in
     flops_rate = measure_matmul_rate()
     logits_s = measure_logits_step(config, settings.batch_size)
     weight_rate = logits_weight_bytes(config) / logits_s
-    kernels = cpu_kernels.enabled()
+    # Whether the config's choice takes the CPU kernels on this run (float32 operands assumed,
+    # which a bfloat16 run's are not).
+    kernels = config.dtype == "float32" and kernel_choice.cpu_kernels(config.kernels) is not None
     log(f"  bandwidth {bandwidth / 1e9:.1f} GB/s, matmul {flops_rate / 1e9:.1f} GFLOP/s, "
         f"logits projection {logits_s * 1e3:.1f} ms/step ({weight_rate / 1e9:.1f} GB/s of "
         f"weights); CPU decode kernels {'on' if kernels else 'off'}")

@@ -11,16 +11,24 @@ sum over them runs at ~28, and the per-head [G, H] x [H, S] attention products f
   - `decode_attention` (csrc/decode_attention.cc): softmax(q . key + bias) @ value for one query
     position, each kv head's keys and values read once for its G query heads; used by
     `attention.dot_product_attention`.
-`gqa-bench` run with `GQA_T5X_CPU_KERNELS=0` shows the decode step without them.
 
-The kernels are compiled with the system's C++ compiler on first use (a few seconds) into a cache
-folder, keyed by their source, jaxlib's version and the CPU, and registered with jax as FFI
-targets. Without a compiler, or with `GQA_T5X_CPU_KERNELS=0`, the model keeps XLA's ops: the
-results are the same up to float rounding. Set the variable before the first jitted call: the
-choice is made when a function is traced.
+The model never imports this module at its own import: `TransformerConfig.kernels` chooses it
+(see `model/kernel_choice.py`), and `gqa-bench --kernels xla` shows the decode step without it.
+The kernels are compiled with the system's C++ compiler when first asked for (a few seconds)
+into a cache folder, keyed by everything the library's code depends on: the sources, the flags,
+jaxlib's version, the compiler and its version, the machine and its CPU's feature flags. Where
+the OS does not say the CPU's flags (neither Linux's /proc/cpuinfo nor macOS's sysctl), the build
+targets the architecture's baseline instead of `-march=native`, so a cache folder shared between
+machines never hands one a library with instructions it lacks.
 
-Environment: `CXX` (compiler, default `c++`), `GQA_T5X_CACHE` (default `~/.cache/gqa_t5x`),
-`GQA_T5X_CPU_KERNELS` (`0` to turn off).
+The vectors are sized for AVX-512 (32 registers of 16 floats): the product's register tile is
+8 rows x 64 columns of accumulators, the attention works in 16-float vectors. On an AVX2-only CPU
+(16 registers of 8 floats) the compiler splits every vector in two and the product's accumulators
+no longer fit in registers, so they spill to the stack; a baseline build (no `-march=native`)
+has narrower vectors still. The results are the same; the speed on such machines has not been
+measured: compare with `kernels="xla"` before relying on the kernels there.
+
+Environment: `CXX` (compiler, default `c++`), `GQA_T5X_CACHE` (default `~/.cache/gqa_t5x`).
 """
 
 from __future__ import annotations
@@ -35,7 +43,6 @@ import shlex
 import shutil
 import subprocess
 import tempfile
-import warnings
 from pathlib import Path
 
 import jax
@@ -50,8 +57,8 @@ ATTENTION_TARGET = "gqa_decode_attention"
 # re-reads a weight tile per 8 rows, so its lead shrinks with rows: over a decode step's weights
 # at config B's widths on 2 cores, 1.9x XLA's dot at 8 rows, 1.2x at 32, even at 64.
 MAX_ROWS = 32
-ENV_SWITCH = "GQA_T5X_CPU_KERNELS"
-CXX_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+CXX_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")
+NATIVE_FLAG = "-march=native"  # only where the CPU's feature flags are known (see cpu_features)
 
 
 def cache_dir() -> Path:
@@ -59,21 +66,54 @@ def cache_dir() -> Path:
     return Path(os.environ.get("GQA_T5X_CACHE") or Path.home() / ".cache" / "gqa_t5x")
 
 
-def _cpu_signature() -> str:
-    """What `-march=native` compiles for: the CPU's model and flags where Linux says them."""
+def cpu_features(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model and instruction-set flags as the OS states them, or "" where it does not.
+
+    Linux: /proc/cpuinfo's model name and flags (x86) or Features / CPU part (arm). macOS: the
+    `machdep.cpu` and `hw.optional` sysctls (Intel's feature lists, Apple silicon's optional ISA
+    extensions).
+    """
     try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        lines = cpuinfo.read_text().splitlines()
     except OSError:
-        return platform.processor() or platform.machine()
-    keep = [ln for ln in lines if ln.startswith(("model name", "flags", "Features"))]
-    return "\n".join(sorted(set(keep)))
+        lines = []
+    keys = ("model name", "flags", "Features", "CPU implementer", "CPU part", "isa")
+    keep = sorted({ln.strip() for ln in lines if ln.startswith(keys)})
+    if keep:
+        return "\n".join(keep)
+    if platform.system() == "Darwin" and shutil.which("sysctl"):
+        proc = subprocess.run(["sysctl", "machdep.cpu", "hw.optional"], capture_output=True,
+                              text=True)
+        if proc.returncode == 0 and proc.stdout.strip():
+            return proc.stdout.strip()
+    return ""
 
 
-def library_path(compiler: str, directory: Path | None = None) -> Path:
-    """Where the kernels built by `compiler` for these sources, jaxlib and CPU are cached."""
+def compiler_version(compiler: str) -> str:
+    """`compiler --version`'s output: two compilers named `c++` on two machines differ here."""
+    proc = subprocess.run([compiler, "--version"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{compiler} --version failed: {proc.stderr.strip()}")
+    return proc.stdout.strip()
+
+
+def compile_flags(features: str) -> tuple[str, ...]:
+    """CXX_FLAGS, with `-march=native` only where the CPU's flags go into the cache key."""
+    return (*CXX_FLAGS, NATIVE_FLAG) if features else CXX_FLAGS
+
+
+def library_path(compiler: str, directory: Path | None = None, *,
+                 features: str | None = None, version: str | None = None) -> Path:
+    """Where the kernels built by `compiler` for these sources, flags, jaxlib, machine and CPU are
+    cached. `features` and `version` default to this machine's `cpu_features()` and the
+    compiler's `compiler_version`."""
+    features = cpu_features() if features is None else features
+    version = compiler_version(compiler) if version is None else version
     key = hashlib.sha256()
-    for part in (*(p.read_bytes() for p in SOURCES + HEADERS), jaxlib.__version__.encode(),
-                 compiler.encode(), " ".join(CXX_FLAGS).encode(), _cpu_signature().encode()):
+    parts = (*(p.read_bytes() for p in SOURCES + HEADERS), jaxlib.__version__.encode(),
+             compiler.encode(), version.encode(), " ".join(compile_flags(features)).encode(),
+             platform.system().encode(), platform.machine().encode(), features.encode())
+    for part in parts:
         key.update(part)
         key.update(b"\0")
     return (directory or cache_dir()) / f"kernels-{key.hexdigest()[:16]}.so"
@@ -89,13 +129,15 @@ def build(directory: Path | None = None) -> Path:
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set CXX to one)")
-    out = library_path(compiler, directory)
+    features = cpu_features()
+    out = library_path(compiler, directory, features=features)
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=out.stem, suffix=".so.tmp", dir=out.parent)
     os.close(fd)
-    cmd = [compiler, *CXX_FLAGS, "-isystem", jax.ffi.include_dir(), *map(str, SOURCES), "-o", tmp]
+    cmd = [compiler, *compile_flags(features), "-isystem", jax.ffi.include_dir(),
+           *map(str, SOURCES), "-o", tmp]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -109,40 +151,24 @@ def build(directory: Path | None = None) -> Path:
 
 
 @functools.cache
-def _registered() -> bool:
-    """Build, load and register the kernels once per process; False (with a warning) if not."""
-    try:
-        lib = ctypes.cdll.LoadLibrary(str(build()))
-    except (RuntimeError, OSError) as e:
-        warnings.warn(f"gqa_t5x CPU kernels unavailable, decode steps use XLA's ops: {e}",
-                      stacklevel=3)
-        return False
+def register() -> None:
+    """Build, load and register the kernels with jax as FFI targets, once per process.
+
+    Raises what went wrong (RuntimeError for a missing compiler or a failed build, OSError for a
+    library that does not load, AttributeError on a jax without `jax.ffi`); the model's
+    `kernel_choice` turns that into a fallback to XLA (kernels="auto") or an error ("cpu").
+    """
+    lib = ctypes.cdll.LoadLibrary(str(build()))
     for target, handler in ((MATMUL_TARGET, lib.GqaSmallMatmul),
                             (ATTENTION_TARGET, lib.GqaDecodeAttention)):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
-    return True
-
-
-def enabled() -> bool:
-    """Whether this process is set up to use the kernels (CPU backend, one device, switch on)."""
-    if os.environ.get(ENV_SWITCH, "1") == "0":
-        return False
-    # Under a multi-device mesh a custom call would make XLA gather its sharded operands.
-    if jax.default_backend() != "cpu" or jax.device_count() != 1:
-        return False
-    return _registered()
 
 
 def dense_applies(x: jax.Array, kernel: jax.Array) -> bool:
-    """Whether `layers.dense(x, kernel)` should use the kernel: few float32 rows, a 2-D kernel."""
+    """Whether `small_matmul` takes `layers.dense(x, kernel)`: few float32 rows, a 2-D kernel."""
     rows = math.prod(x.shape[:-1])
     return (0 < rows <= MAX_ROWS and kernel.ndim == 2 and x.dtype == jnp.float32
-            and kernel.dtype == jnp.float32 and enabled())
-
-
-def attention_applies(query: jax.Array, key: jax.Array, value: jax.Array) -> bool:
-    """Whether a decode step's attention should use `decode_attention`: float32 operands."""
-    return all(a.dtype == jnp.float32 for a in (query, key, value)) and enabled()
+            and kernel.dtype == jnp.float32)
 
 
 def _check_float32(fn: str, **arrays: jax.Array) -> None:
@@ -157,8 +183,7 @@ def small_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
         raise ValueError(f"small_matmul: x {x.shape} and kernel {kernel.shape} are not "
                          "[M, D] and [D, F]")
     _check_float32("small_matmul", x=x, kernel=kernel)
-    if not _registered():
-        raise RuntimeError("small_matmul: the CPU kernels could not be built (see the warning)")
+    register()
     out = jax.ShapeDtypeStruct((x.shape[0], kernel.shape[1]), jnp.float32)
     return jax.ffi.ffi_call(MATMUL_TARGET, out, vmap_method="sequential")(x, kernel)
 
@@ -179,7 +204,6 @@ def decode_attention(q: jax.Array, key: jax.Array, value: jax.Array,
                          f"and bias {bias.shape} are not [B, K, G, H], [B, K, S, H] (twice) and "
                          "[B, K, G, S]")
     _check_float32("decode_attention", q=q, key=key, value=value, bias=bias)
-    if not _registered():
-        raise RuntimeError("decode_attention: the CPU kernels could not be built (see the warning)")
+    register()
     out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
     return jax.ffi.ffi_call(ATTENTION_TARGET, out, vmap_method="sequential")(q, key, value, bias)

@@ -22,8 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gqa_t5x.kernels import cpu as cpu_kernels
-from gqa_t5x.model import layers
+from gqa_t5x.model import kernel_choice, layers
 
 # Added to masked logits, and to beam-search scores of dropped candidates (decoding.py). exp()
 # of it is 0; beside it float32 drops any logit (its spacing at 1e10 is 1024), so a row with
@@ -65,19 +64,20 @@ def mask_to_bias(mask, dtype=jnp.float32):
 
 
 def dot_product_attention(query, key, value, bias=None, *, dropout_rng=None, dropout_rate=0.0,
-                          dtype=jnp.float32):
+                          dtype=jnp.float32, kernels: str = "xla"):
     """Grouped dot-product attention without logit scaling (T5 folds it into the query init).
 
     Args:
       query: [B, T, N, H].
       key, value: [B, K, S, H] with N % K == 0.
       bias: additive, broadcastable to [B, N, T, S] (masks and relative position bias).
+      kernels: "xla", "cpu" or "auto" (see `kernel_choice`).
     Returns:
       [B, T, N, H].
 
-    A decode step (T == 1, no dropout, float32) on CPU runs in the compiled
-    `cpu_kernels.decode_attention`, which reads each kv head's keys and values once for its G
-    queries; its gradient is this function's XLA path.
+    With the CPU kernels, a decode step (T == 1, no dropout, float32) runs in the compiled
+    `decode_attention`, which reads each kv head's keys and values once for its G queries; its
+    gradient is this function's XLA path.
     """
     b, t, n, h = query.shape
     k = key.shape[1]
@@ -86,8 +86,9 @@ def dot_product_attention(query, key, value, bias=None, *, dropout_rng=None, dro
     if n % k:
         raise ValueError(f"{n} query heads are not divisible by {k} kv heads")
     dropout = dropout_rng is not None and dropout_rate > 0.0
-    if (t == 1 and not dropout and jnp.dtype(dtype) == jnp.float32
-            and cpu_kernels.attention_applies(query, key, value)):
+    if (kernels != "xla" and t == 1 and not dropout and jnp.dtype(dtype) == jnp.float32
+            and all(a.dtype == jnp.float32 for a in (query, key, value))
+            and kernel_choice.cpu_kernels(kernels) is not None):
         s = key.shape[2]
         bias = jnp.zeros((), jnp.float32) if bias is None else bias.astype(jnp.float32)
         bias = jnp.broadcast_to(bias, (b, n, 1, s)).reshape(b, k, n // k, s)  # [B, K, G, S]
@@ -130,7 +131,7 @@ def _attention(query, key, value, bias, dropout_rng, dropout_rate, dtype):
 @jax.custom_vjp
 def _kernel_step(q, key, value, bias):
     """q [B, K, G, H], key/value [B, K, S, H], bias [B, K, G, S] -> [B, K, G, H] by the kernel."""
-    return cpu_kernels.decode_attention(q, key, value, bias)
+    return kernel_choice.cpu_kernels("cpu").decode_attention(q, key, value, bias)
 
 
 def _kernel_step_fwd(q, key, value, bias):
@@ -159,7 +160,9 @@ class GroupedQueryAttention(nn.Module):
     Kernels, t5x names and joined layouts: query [D, N*H], key and value [D, K*H], out [N*H, D].
     `cross=True` makes it encoder-decoder attention, whose decode cache is filled once from the
     encoder output; with `recompute_cross_kv` it is re-projected at every step instead (the t5x
-    and flaxformer behaviour, kept for benchmarks).
+    and flaxformer behaviour, kept for benchmarks). `kernels` is `TransformerConfig.kernels`:
+    which implementation runs the projections and a decode step's attention (see
+    `kernel_choice`).
     """
 
     num_heads: int
@@ -169,16 +172,18 @@ class GroupedQueryAttention(nn.Module):
     dtype: jnp.dtype = jnp.float32
     cross: bool = False
     recompute_cross_kv: bool = False
+    kernels: str = "xla"
+
+    def _dense(self, features, axes, kernel_init=layers.default_kernel_init, *, name):
+        return layers.DenseJoined(features, axes, kernel_init, self.dtype, self.kernels, name=name)
 
     def _project_kv(self, inputs_kv):
         """[B, S, D] -> key, value [B, K, S, H], with the `key` and `value` kernels."""
         b, s, _ = inputs_kv.shape
         k, h = self.num_kv_heads, self.head_dim
         kv_axes = (layers.EMBED, layers.KV_JOINED)
-        key = layers.DenseJoined(k * h, kv_axes, layers.default_kernel_init, self.dtype,
-                                 name="key")(inputs_kv)
-        value = layers.DenseJoined(k * h, kv_axes, layers.default_kernel_init, self.dtype,
-                                   name="value")(inputs_kv)
+        key = self._dense(k * h, kv_axes, name="key")(inputs_kv)
+        value = self._dense(k * h, kv_axes, name="value")(inputs_kv)
         key = key.reshape(b, s, k, h).transpose(0, 2, 1, 3)  # [B, K, S, H]
         value = value.reshape(b, s, k, h).transpose(0, 2, 1, 3)  # [B, K, S, H]
         return key, value
@@ -198,10 +203,8 @@ class GroupedQueryAttention(nn.Module):
             raise ValueError(f"num_heads={self.num_heads} is not divisible by "
                              f"num_kv_heads={self.num_kv_heads}")
         b, t, d = inputs_q.shape
-        query = layers.DenseJoined(self.num_heads * self.head_dim,
-                                   (layers.EMBED, layers.JOINED_KV),
-                                   layers.query_kernel_init(self.head_dim), self.dtype,
-                                   name="query")(inputs_q)
+        query = self._dense(self.num_heads * self.head_dim, (layers.EMBED, layers.JOINED_KV),
+                            layers.query_kernel_init(self.head_dim), name="query")(inputs_q)
         query = query.reshape(b, t, self.num_heads, self.head_dim)  # [B,T,N,H]
         query = layers.with_sharding_constraint(query, (layers.BATCH, layers.LENGTH,
                                                         layers.HEADS, None))
@@ -216,10 +219,10 @@ class GroupedQueryAttention(nn.Module):
         if enable_dropout and self.dropout_rate > 0.0:
             dropout_rng = self.make_rng("dropout")
         out = dot_product_attention(query, key, value, bias, dropout_rng=dropout_rng,
-                                    dropout_rate=self.dropout_rate, dtype=self.dtype)
+                                    dropout_rate=self.dropout_rate, dtype=self.dtype,
+                                    kernels=self.kernels)
         out = out.reshape(b, t, self.num_heads * self.head_dim)  # [B, T, N*H]
-        return layers.DenseJoined(d, (layers.JOINED_KV, layers.EMBED), layers.default_kernel_init,
-                                  self.dtype, name="out")(out)
+        return self._dense(d, (layers.JOINED_KV, layers.EMBED), name="out")(out)
 
     def _cross_cache(self, inputs_kv):
         initialized = self.has_variable("cache", "cached_key")

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 
 ATTENTION_KINDS = ("encoder_self", "decoder_self", "cross")
 DEFAULT_GROUPED = ("decoder_self", "cross")
+# Which implementation runs the ops that have a compiled CPU kernel (see `kernel_choice.py`).
+KERNEL_CHOICES = ("auto", "xla", "cpu")
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -29,7 +31,10 @@ class TransformerConfig:
 
     `num_kv_heads` applies to the attentions named in `grouped`; the others keep `num_heads`
     key/value heads. `dtype` is the activation dtype ("float32" or "bfloat16"); parameters are
-    always float32, as in t5x.
+    always float32, as in t5x. `kernels` chooses the ops' implementation, as maxtext's
+    `attention_kernel` does: "xla" (XLA's ops, the path every accelerator runs), "cpu" (the
+    compiled CPU decode kernels wherever they apply; an error where they cannot be had) or
+    "auto" ("cpu" on a single-device float32 CPU run whose kernels build, else "xla").
     """
 
     vocab_size: int = 32128
@@ -46,6 +51,7 @@ class TransformerConfig:
     relative_attention_max_distance: int = 128
     grouped: tuple[str, ...] = DEFAULT_GROUPED
     layer_norm_epsilon: float = 1e-6
+    kernels: str = "auto"
 
     def __post_init__(self):
         ints = (
@@ -79,6 +85,11 @@ class TransformerConfig:
             raise ValueError(f"dropout_rate={self.dropout_rate!r} must be in [0, 1)")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is not one of {sorted(_DTYPES)}")
+        if self.kernels not in KERNEL_CHOICES:
+            raise ValueError(f"kernels={self.kernels!r} is not one of {KERNEL_CHOICES}")
+        if self.kernels == "cpu" and self.dtype != "float32":
+            raise ValueError(f"kernels='cpu' needs dtype='float32' (the CPU kernels take float32), "
+                             f"got dtype={self.dtype!r}; use kernels='auto' or 'xla'")
         if isinstance(self.grouped, str):
             raise ValueError(f"grouped={self.grouped!r} must be a sequence of attention names, "
                              f"e.g. ({self.grouped!r},)")

@@ -10,6 +10,7 @@ K kv heads, H head width, F MLP width, V vocabulary.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.linen import partitioning as nn_partitioning
 
-from gqa_t5x.kernels import cpu as cpu_kernels
+from gqa_t5x.model import kernel_choice
 
 param_with_axes = nn_partitioning.param_with_axes
 with_sharding_constraint = nn_partitioning.with_sharding_constraint
@@ -67,53 +68,63 @@ class RMSNorm(nn.Module):
         return jnp.asarray(y * scale, self.dtype)
 
 
-@jax.custom_vjp
-def dense(x, kernel):
+def dense(x, kernel, kernels: str = "xla"):
     """x [..., I] @ kernel [I, O] -> [..., O].
 
-    Its gradient is jax's own, written out so that the kernel's is one matmul over the flattened
-    tokens, dk = x^T g ("TI,TO->IO"). Left to autodiff, the kernel gradient is derived as
-    (g^T x)^T, and XLA's CPU backend then materializes g^T (a [O, tokens] copy of every MLP
-    gradient) before the matmul: with this form a T5.1.1-small-width train step is ~15% faster
-    on CPU (scripts/train_throughput.py); values are the same up to float rounding. Being a
-    `custom_vjp`, it has reverse-mode derivatives only (no `jax.jvp` / `jax.jacfwd`).
-
-    With few float32 rows on CPU (a decode step) the product runs in `cpu_kernels.small_matmul`,
-    which streams the kernel near memory speed, about twice XLA's dot at these shapes.
+    `kernels` ("xla", "cpu" or "auto", see `kernel_choice`): with the CPU kernels, few float32
+    rows (a decode step) run in `small_matmul`, which streams the kernel near memory speed, about
+    twice XLA's dot at these shapes; its gradient is the XLA path's.
     """
-    if cpu_kernels.dense_applies(x, kernel):
-        y = cpu_kernels.small_matmul(x.reshape(-1, x.shape[-1]), kernel)  # [rows, O]
-        return y.reshape(*x.shape[:-1], kernel.shape[-1])
-    return jnp.einsum("...i,io->...o", x, kernel)
+    # Shapes first: a train step's many rows never build the kernels.
+    if kernels != "xla" and kernel_choice.dense_applies(x, kernel):
+        if kernel_choice.cpu_kernels(kernels) is not None:
+            return _dense_by_kernel(x, kernel)
+    return _xla_dense(x, kernel)
 
 
-def _dense_fwd(x, kernel):
-    return dense(x, kernel), (x, kernel)
+def _xla_dense(x, kernel):
+    """One [tokens, I] x [I, O] matmul. Flattening the tokens first is what makes autodiff's
+    kernel gradient one dot, x^T g, that reads both operands where they lie; from the einsum
+    over [..., I], XLA's CPU backend materializes a transposed copy of g (of the [B, T, V]
+    logits gradient, too) before it. Plain jax, so every autodiff mode applies (`jax.jvp`)."""
+    y = x.reshape(-1, x.shape[-1]) @ kernel  # [tokens, O]
+    return y.reshape(*x.shape[:-1], kernel.shape[-1])
 
 
-def _dense_bwd(residuals, g):
-    x, kernel = residuals  # [..., I], [I, O]; g [..., O]
-    dx = jnp.einsum("...o,io->...i", g, kernel)  # [..., I]
-    dk = jnp.einsum("ti,to->io", x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]))
-    return dx.astype(x.dtype), dk.astype(kernel.dtype)
+@jax.custom_vjp
+def _dense_by_kernel(x, kernel):
+    cpu = kernel_choice.cpu_kernels("cpu")
+    y = cpu.small_matmul(x.reshape(-1, x.shape[-1]), kernel)  # [rows, O]
+    return y.reshape(*x.shape[:-1], kernel.shape[-1])
 
 
-dense.defvjp(_dense_fwd, _dense_bwd)
+def _dense_by_kernel_fwd(x, kernel):
+    return _dense_by_kernel(x, kernel), (x, kernel)
+
+
+def _dense_by_kernel_bwd(residuals, g):
+    return jax.vjp(_xla_dense, *residuals)[1](g)
+
+
+_dense_by_kernel.defvjp(_dense_by_kernel_fwd, _dense_by_kernel_bwd)
 
 
 class DenseJoined(nn.Module):
-    """x @ kernel with a 2-D float32 kernel [in, out], the way t5x stores joined head kernels."""
+    """x @ kernel with a 2-D float32 kernel [in, out], the way t5x stores joined head kernels.
+
+    `kernels` is `TransformerConfig.kernels` (see `dense`)."""
 
     features: int
     kernel_axes: tuple[str, str]
     kernel_init: nn.initializers.Initializer = default_kernel_init
     dtype: jnp.dtype = jnp.float32
+    kernels: str = "xla"
 
     @nn.compact
     def __call__(self, x):
         kernel = param_with_axes("kernel", self.kernel_init, (x.shape[-1], self.features),
                                  jnp.float32, axes=self.kernel_axes)
-        return dense(jnp.asarray(x, self.dtype), jnp.asarray(kernel, self.dtype))
+        return dense(jnp.asarray(x, self.dtype), jnp.asarray(kernel, self.dtype), self.kernels)
 
 
 class GatedGeluMlp(nn.Module):
@@ -122,16 +133,19 @@ class GatedGeluMlp(nn.Module):
     mlp_dim: int
     dropout_rate: float = 0.0
     dtype: jnp.dtype = jnp.float32
+    kernels: str = "xla"
 
     @nn.compact
     def __call__(self, x, *, enable_dropout: bool = False):
         emb_dim = x.shape[-1]
-        gate = DenseJoined(self.mlp_dim, (EMBED, MLP), mlp_kernel_init, self.dtype, name="wi_0")(x)
-        lin = DenseJoined(self.mlp_dim, (EMBED, MLP), mlp_kernel_init, self.dtype, name="wi_1")(x)
+        dense = functools.partial(DenseJoined, kernel_init=mlp_kernel_init, dtype=self.dtype,
+                                  kernels=self.kernels)
+        gate = dense(self.mlp_dim, (EMBED, MLP), name="wi_0")(x)
+        lin = dense(self.mlp_dim, (EMBED, MLP), name="wi_1")(x)
         h = nn.gelu(gate, approximate=True) * lin  # [B, T, F]
         h = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(h, deterministic=not enable_dropout)
         h = with_sharding_constraint(h, (BATCH, LENGTH, MLP))
-        return DenseJoined(emb_dim, (MLP, EMBED), mlp_kernel_init, self.dtype, name="wo")(h)
+        return dense(emb_dim, (MLP, EMBED), name="wo")(h)
 
 
 class Embed(nn.Module):

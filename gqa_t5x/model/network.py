@@ -50,6 +50,7 @@ def _attention(config: TransformerConfig, kind: str, name: str, **kw) -> Grouped
         head_dim=config.head_dim,
         dropout_rate=config.dropout_rate,
         dtype=config.activation_dtype,
+        kernels=config.kernels,
         name=name,
         **kw,
     )
@@ -73,7 +74,7 @@ def _mlp_block(config: TransformerConfig, x, enable_dropout: bool):
     """x + dropout(mlp(norm(x))), the last sublayer of every encoder and decoder layer."""
     h = _norm(config, "pre_mlp_layer_norm")(x)
     h = layers.GatedGeluMlp(config.mlp_dim, config.dropout_rate, config.activation_dtype,
-                            name="mlp")(h, enable_dropout=enable_dropout)
+                            config.kernels, name="mlp")(h, enable_dropout=enable_dropout)
     x = x + _dropout(config, h, enable_dropout)
     return layers.with_sharding_constraint(x, (layers.BATCH, layers.LENGTH, layers.EMBED))
 
@@ -168,7 +169,7 @@ class Decoder(nn.Module):
         x = _norm(cfg, "decoder_norm")(x)
         x = _dropout(cfg, x, enable_dropout)
         logits = layers.DenseJoined(cfg.vocab_size, (layers.EMBED, layers.VOCAB),
-                                    layers.mlp_kernel_init, cfg.activation_dtype,
+                                    layers.mlp_kernel_init, cfg.activation_dtype, cfg.kernels,
                                     name="logits_dense")(x)  # [B, T, V]
         return jnp.asarray(logits, jnp.float32)
 

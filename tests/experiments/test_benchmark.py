@@ -152,3 +152,12 @@ def test_bad_groups_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="--groups"):
         benchmark.parse_groups("1,x")
     assert np.all(np.asarray(benchmark.divisors(12)) == [1, 2, 3, 4, 6, 12])
+
+
+def test_kernels_flag_sets_the_config(capsys):
+    parse = bench_cli.build_parser().parse_args
+    assert bench_cli.config_from_args(parse([])).kernels == "auto"
+    assert bench_cli.config_from_args(parse(["--kernels", "xla"])).kernels == "xla"
+    assert bench_cli.main(["--kernels", "cpu", "--dtype", "bfloat16"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gqa-bench: kernels='cpu' needs dtype='float32'") and err.count("\n") == 1

@@ -1,23 +1,21 @@
 """The compiled CPU decode kernels against float64 numpy, inside jit, loops and vmap; their
-build cache; when `layers.dense` and `dot_product_attention` use them; and decoding with them
-against decoding with XLA's ops."""
+build cache and its key; when `layers.dense` and `dot_product_attention` use them; and decoding
+with them against decoding with XLA's ops."""
 
-import os
-import shutil
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import needs_cpu_kernels
 
 from gqa_t5x.kernels import cpu as cpu_kernels
 from gqa_t5x.model import attention, decoding, layers
 from gqa_t5x.model.config import TransformerConfig
 from gqa_t5x.model.network import Transformer
 
-pytestmark = pytest.mark.skipif(
-    shutil.which(os.environ.get("CXX", "c++")) is None or jax.default_backend() != "cpu",
-    reason="needs a C++ compiler and the CPU backend")
+pytestmark = [needs_cpu_kernels, pytest.mark.cpu_kernels]
 
 
 def _reference(x, w):
@@ -103,68 +101,75 @@ def test_decode_attention_softmax_over_the_whole_exp_range():
     np.testing.assert_allclose(out, expected / expected.sum(), rtol=1e-6, atol=1e-30)
 
 
-def test_attention_step_uses_the_kernel_and_keeps_gradients(monkeypatch):
+def test_attention_step_uses_the_kernel_and_keeps_gradients():
     rng = np.random.default_rng(3)
     query = jnp.asarray(rng.standard_normal((2, 1, 4, 8), dtype=np.float32))  # [B, 1, N, H]
     key, value = (jnp.asarray(rng.standard_normal((2, 2, 6, 8), dtype=np.float32))
                   for _ in range(2))  # [B, K, S, H]
     bias = jnp.asarray(rng.standard_normal((1, 4, 1, 6), dtype=np.float32))
 
-    def loss(query, key, value, bias):
-        return jnp.sum(jnp.sin(attention.dot_product_attention(query, key, value, bias)))
+    def loss(kernels, query, key, value, bias):
+        out = attention.dot_product_attention(query, key, value, bias, kernels=kernels)
+        return jnp.sum(jnp.sin(out))
 
-    grad = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))
-    assert cpu_kernels.ATTENTION_TARGET in _lowered(grad, query, key, value, bias)
-    got = jax.jit(grad)(query, key, value, bias)
-    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
-    assert cpu_kernels.ATTENTION_TARGET not in _lowered(grad, query, key, value, bias)
-    want = jax.jit(grad)(query, key, value, bias)
+    grads = {k: jax.value_and_grad(functools.partial(loss, k), argnums=(0, 1, 2, 3))
+             for k in ("cpu", "auto", "xla")}
+    assert cpu_kernels.ATTENTION_TARGET in _lowered(grads["cpu"], query, key, value, bias)
+    assert cpu_kernels.ATTENTION_TARGET in _lowered(grads["auto"], query, key, value, bias)
+    assert cpu_kernels.ATTENTION_TARGET not in _lowered(grads["xla"], query, key, value, bias)
+    got = jax.jit(grads["cpu"])(query, key, value, bias)
+    want = jax.jit(grads["xla"])(query, key, value, bias)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    no_bias = attention.dot_product_attention(query, key, value)
-    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "1")
-    np.testing.assert_allclose(attention.dot_product_attention(query, key, value), no_bias,
+    np.testing.assert_allclose(attention.dot_product_attention(query, key, value, kernels="cpu"),
+                               attention.dot_product_attention(query, key, value),
                                rtol=1e-5, atol=1e-6)
 
 
 def _lowered(fn, *args) -> str:
-    jax.clear_caches()  # the choice is made when `fn` is traced
     return jax.jit(fn).lower(*args).as_text()
 
 
-def test_dense_uses_the_kernel_only_for_few_float32_rows(monkeypatch):
+def test_dense_uses_the_kernel_only_for_few_float32_rows():
     w = jnp.ones((16, 24), jnp.float32)
     few = jnp.ones((2, 1, 16), jnp.float32)  # a decode step: 2 rows
     most = jnp.ones((1, cpu_kernels.MAX_ROWS, 16), jnp.float32)
     many = jnp.ones((1, cpu_kernels.MAX_ROWS + 1, 16), jnp.float32)
-    assert cpu_kernels.MATMUL_TARGET in _lowered(layers.dense, few, w)
-    assert cpu_kernels.MATMUL_TARGET in _lowered(layers.dense, most, w)
-    assert cpu_kernels.MATMUL_TARGET not in _lowered(layers.dense, many, w)
-    assert cpu_kernels.MATMUL_TARGET not in _lowered(layers.dense, few.astype(jnp.bfloat16),
-                                              w.astype(jnp.bfloat16))
-    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
-    assert cpu_kernels.MATMUL_TARGET not in _lowered(layers.dense, few, w)
+    dense = functools.partial(layers.dense, kernels="cpu")
+    assert cpu_kernels.MATMUL_TARGET in _lowered(dense, few, w)
+    assert cpu_kernels.MATMUL_TARGET in _lowered(dense, most, w)
+    assert cpu_kernels.MATMUL_TARGET not in _lowered(dense, many, w)
+    assert cpu_kernels.MATMUL_TARGET not in _lowered(dense, few.astype(jnp.bfloat16),
+                                                     w.astype(jnp.bfloat16))
+    assert cpu_kernels.MATMUL_TARGET not in _lowered(layers.dense, few, w)  # "xla", the default
 
 
-def test_dense_with_the_kernel_keeps_values_and_gradients(monkeypatch):
+def test_dense_with_the_kernel_keeps_values_and_gradients():
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((3, 2, 40), dtype=np.float32))
     w = jnp.asarray(rng.standard_normal((40, 70), dtype=np.float32))
 
-    def loss(x, w):
-        return jnp.sum(jnp.sin(layers.dense(x, w)))
+    def loss(kernels, x, w):
+        return jnp.sum(jnp.sin(layers.dense(x, w, kernels)))
 
-    with_kernel = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    with_kernel = jax.jit(jax.value_and_grad(functools.partial(loss, "cpu"), argnums=(0, 1)))
     assert cpu_kernels.MATMUL_TARGET in with_kernel.lower(x, w).as_text()
     value, grads = with_kernel(x, w)
-    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
-    jax.clear_caches()
-    without = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-    assert cpu_kernels.MATMUL_TARGET not in without.lower(x, w).as_text()
-    ref_value, ref_grads = without(x, w)
-    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
-    for g, r in zip(grads, ref_grads):
-        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+    # float64 numpy: d/dy sum(sin(y)) = cos(y); dx = cos(y) w^T, dw = x^T cos(y).
+    x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    y = x64 @ w64
+    np.testing.assert_allclose(value, np.sin(y).sum(), rtol=1e-5)
+    np.testing.assert_allclose(grads[0], np.cos(y) @ w64.T, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(grads[1], np.einsum("bti,bto->io", x64, np.cos(y)), rtol=1e-4,
+                               atol=1e-4)
+
+
+def _fake_compiler(path, version="fake c++ 1.0"):
+    """A "compiler" that states a version and fails every build."""
+    path.write_text(f"#!/bin/sh\nif [ \"$1\" = --version ]; then echo '{version}'; exit 0; fi\n"
+                    "echo 'fake: cannot compile' >&2\nexit 1\n")
+    path.chmod(0o755)
+    return str(path)
 
 
 def test_build_is_cached_and_atomic(tmp_path, monkeypatch):
@@ -173,8 +178,9 @@ def test_build_is_cached_and_atomic(tmp_path, monkeypatch):
     assert cpu_kernels.build(tmp_path) == first and first.stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.name]
 
-    monkeypatch.setenv("CXX", "false")  # a "compiler" that fails: nothing may be left behind
-    with pytest.raises(RuntimeError, match="building the CPU kernels failed: false "):
+    # A compiler that fails: nothing may be left behind.
+    monkeypatch.setenv("CXX", _fake_compiler(tmp_path / "fake-c++"))
+    with pytest.raises(RuntimeError, match="building the CPU kernels failed: .*fake-c\\+\\+ "):
         cpu_kernels.build(tmp_path / "failed")
     assert list((tmp_path / "failed").iterdir()) == []
 
@@ -183,21 +189,53 @@ def test_build_is_cached_and_atomic(tmp_path, monkeypatch):
         cpu_kernels.build(tmp_path)
 
 
-def test_decoding_with_the_kernel_equals_decoding_with_xla_dot(monkeypatch):
+def test_cache_key_tells_machines_apart(tmp_path, monkeypatch):
+    # Everything the library's code depends on goes into its name: two machines sharing a cache
+    # folder must never load each other's build.
+    key = functools.partial(cpu_kernels.library_path, "c++", tmp_path)
+    base = key(features="flags: avx2 avx512f", version="g++ 13.2")
+    assert key(features="flags: avx2 avx512f", version="g++ 13.2") == base
+    assert key(features="flags: avx2", version="g++ 13.2") != base  # same model, no AVX-512
+    assert key(features="flags: avx2 avx512f", version="g++ 14.1") != base
+    assert cpu_kernels.library_path("clang++", tmp_path, features="flags: avx2 avx512f",
+                                    version="g++ 13.2") != base
+    monkeypatch.setattr(cpu_kernels.platform, "machine", lambda: "aarch64")
+    assert key(features="flags: avx2 avx512f", version="g++ 13.2") != base
+    # The compiler's version is asked of the compiler itself.
+    fake = _fake_compiler(tmp_path / "fake-c++", version="fake c++ 2.0")
+    assert cpu_kernels.compiler_version(fake) == "fake c++ 2.0"
+
+
+def test_cpu_features_where_the_os_states_them_or_not(tmp_path, monkeypatch):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu avx2\n"
+                       "processor\t: 1\nmodel name\t: Some CPU\nflags\t\t: fpu avx2\n")
+    assert cpu_kernels.cpu_features(cpuinfo) == "flags\t\t: fpu avx2\nmodel name\t: Some CPU"
+    # Where the OS states no flags the build is not -march=native: its key could not tell two
+    # CPUs of one architecture apart.
+    monkeypatch.setattr(cpu_kernels.platform, "system", lambda: "Windows")
+    assert cpu_kernels.cpu_features(tmp_path / "absent") == ""
+    assert cpu_kernels.NATIVE_FLAG in cpu_kernels.compile_flags("flags: avx2")
+    assert cpu_kernels.NATIVE_FLAG not in cpu_kernels.compile_flags("")
+
+
+@pytest.mark.slow
+def test_decoding_with_the_kernel_equals_decoding_with_xla_dot():
     cfg = TransformerConfig(vocab_size=40, emb_dim=32, num_heads=4, num_kv_heads=2, head_dim=8,
                             mlp_dim=48, num_encoder_layers=1, num_decoder_layers=2)
-    module = Transformer(cfg)
     tokens = jnp.asarray(np.random.default_rng(2).integers(2, 40, (3, 6)), jnp.int32)
-    params = module.init(jax.random.PRNGKey(0), tokens, tokens, tokens,
-                         enable_dropout=False)["params"]
-
-    def run():
-        jax.clear_caches()  # the switch is read when the decode loop is traced
-        return decoding.generate(module, params, tokens, max_decode_length=5, eos_id=-1)
-
-    assert cpu_kernels.enabled()
-    tokens_k, scores_k = run()
-    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
-    tokens_x, scores_x = run()
-    np.testing.assert_array_equal(tokens_k, tokens_x)
-    np.testing.assert_allclose(scores_k, scores_x, rtol=1e-5, atol=1e-5)
+    params = Transformer(cfg).init(jax.random.PRNGKey(0), tokens, tokens, tokens,
+                                   enable_dropout=False)["params"]
+    results = {}
+    for kernels in ("cpu", "xla"):
+        module = Transformer(cfg.replace(kernels=kernels))
+        step = jax.jit(functools.partial(decoding.decode_step, module, max_decode_length=5))
+        cache = decoding.init_cache(module, params, jnp.zeros((3, 6, 32)), tokens,
+                                    max_decode_length=5)
+        hlo = step.lower(params, cache, jnp.zeros((3, 6, 32)), tokens, tokens[:, 0]).as_text()
+        assert (cpu_kernels.MATMUL_TARGET in hlo) == (kernels == "cpu")
+        assert (cpu_kernels.ATTENTION_TARGET in hlo) == (kernels == "cpu")
+        results[kernels] = decoding.generate(module, params, tokens, max_decode_length=5,
+                                             eos_id=-1)
+    np.testing.assert_array_equal(results["cpu"][0], results["xla"][0])
+    np.testing.assert_allclose(results["cpu"][1], results["xla"][1], rtol=1e-5, atol=1e-5)

@@ -6,7 +6,6 @@ import numpy as np
 import numpy_t5
 import pytest
 
-from gqa_t5x.kernels import cpu as cpu_kernels
 from gqa_t5x.model import attention, layers
 
 
@@ -87,12 +86,10 @@ def test_attention_mask_and_bias():
 # ---- the pure function --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kernels", ["1", "0"])  # a decode step on CPU: compiled kernel or XLA
+# `kernels`: XLA's ops, and the compiled CPU kernel (a decode step, t == 1) where it builds.
 @pytest.mark.parametrize("t", [3, 1])  # 1: one query per sequence, as in a decode step
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (4, 2), (4, 1), (6, 3), (6, 2)])
-def test_dot_product_attention_matches_reference(num_heads, num_kv_heads, t, kernels,
-                                                 monkeypatch):
-    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, kernels)
+def test_dot_product_attention_matches_reference(num_heads, num_kv_heads, t, kernels):
     r = _rng(num_heads * 10 + num_kv_heads)
     b, s, h = 2, 5, 8
     query = r.normal(size=(b, t, num_heads, h)).astype(np.float32)
@@ -103,7 +100,8 @@ def test_dot_product_attention_matches_reference(num_heads, num_kv_heads, t, ker
     mask[0, 0, :, 3:] = False  # padded keys in the first example
     bias = np.where(mask, 0.0, -1e10) + rel_bias
     got = attention.dot_product_attention(jnp.asarray(query), jnp.asarray(key),
-                                          jnp.asarray(value), jnp.asarray(bias, jnp.float32))
+                                          jnp.asarray(value), jnp.asarray(bias, jnp.float32),
+                                          kernels=kernels)
     assert got.shape == (b, t, num_heads, h)
     np.testing.assert_allclose(np.asarray(got), _reference_dpa(query, key, value, bias),
                                rtol=1e-5, atol=1e-5)

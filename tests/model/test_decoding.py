@@ -1,5 +1,9 @@
-"""Decoding against teacher-forced forward passes, exhaustive search and hand-made invariants."""
+"""Decoding against teacher-forced forward passes, exhaustive search and hand-made invariants.
 
+The tests against a reference decode on both paths (the `kernels` fixture: XLA's ops, and the
+compiled CPU kernels where they build); the reference is always XLA's full forward pass."""
+
+import functools
 import itertools
 
 import jax
@@ -19,8 +23,8 @@ L = 7
 
 def _params(module, seed=0):
     tokens = jnp.ones((1, 3), jnp.int32)
-    return module.init(jax.random.PRNGKey(seed), tokens, tokens, tokens,
-                       enable_dropout=False)["params"]
+    init = jax.jit(functools.partial(module.init, enable_dropout=False))  # eager init is slow
+    return init(jax.random.PRNGKey(seed), tokens, tokens, tokens)["params"]
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +53,10 @@ def _first_eos(row, eos):
     return int(hits[0]) if hits.size else None
 
 
-def test_greedy_equals_argmax_of_teacher_forced_logits(model):
-    module, params, enc = model
-    tokens, scores = decoding.generate(module, params, enc, max_decode_length=L, eos_id=-1)
+def test_greedy_equals_argmax_of_teacher_forced_logits(model, kernels):
+    module, params, enc = model  # the reference: XLA's full forward pass
+    decoder = Transformer(CFG.replace(kernels=kernels))
+    tokens, scores = decoding.generate(decoder, params, enc, max_decode_length=L, eos_id=-1)
     tokens = np.asarray(tokens)
     assert tokens.shape == (3, L) and tokens.dtype == np.int32
     logp = _teacher_forced_log_probs(module, params, enc, tokens)
@@ -167,11 +172,13 @@ def test_beam_with_one_beam_equals_greedy(model):
     np.testing.assert_allclose(np.asarray(bscore), np.asarray(gscore), rtol=1e-5)
 
 
-def test_beam_search_matches_exhaustive_search():
+@pytest.mark.slow
+def test_beam_search_matches_exhaustive_search(kernels):
     cfg = TransformerConfig(vocab_size=6, emb_dim=16, num_heads=2, num_kv_heads=1, head_dim=8,
                             mlp_dim=32, num_encoder_layers=1, num_decoder_layers=1,
-                            relative_attention_num_buckets=4, relative_attention_max_distance=8)
-    module = Transformer(cfg)
+                            relative_attention_num_buckets=4, relative_attention_max_distance=8,
+                            kernels="xla")
+    module = Transformer(cfg)  # the reference: XLA's full forward pass
     params = _params(module, seed=2)
     # Sharper distributions make the search non-trivial.
     params = jax.tree_util.tree_map(lambda x: x, params)  # a copy to edit
@@ -179,8 +186,9 @@ def test_beam_search_matches_exhaustive_search():
     enc = jnp.asarray(np.random.RandomState(4).randint(2, 6, (4, 5)), jnp.int32)
     eos, alpha, length, v = 1, 0.6, 3, cfg.vocab_size
     # 2 x beams >= 25 live prefixes x 6 tokens: the search keeps every candidate.
-    tokens, scores = decoding.generate(module, params, enc, max_decode_length=length,
-                                       method="beam", num_beams=75, alpha=alpha, eos_id=eos)
+    tokens, scores = decoding.generate(Transformer(cfg.replace(kernels=kernels)), params, enc,
+                                       max_decode_length=length, method="beam", num_beams=75,
+                                       alpha=alpha, eos_id=eos)
     seqs = np.array(list(itertools.product(range(v), repeat=length)), np.int32)  # [216, 3]
     n, m = enc.shape[0], len(seqs)
     logp = _teacher_forced_log_probs(module, params, jnp.repeat(enc, m, 0), np.tile(seqs, (n, 1)))

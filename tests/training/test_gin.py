@@ -159,3 +159,12 @@ def test_search_path_finds_user_files(tmp_path):
                                        "gqa_t5x.models.model_config.preset = 't5_1_1_base'\n")
     run_cli.parse_gin(["mine.gin"], search_paths=[str(tmp_path)])
     assert models.model_config().emb_dim == 768
+
+
+def test_kernels_bind_through_gin():
+    run_cli.parse_gin(["models/tiny.gin"], bindings=["gqa_t5x.models.model_config.kernels='xla'"])
+    assert models.model_config().kernels == "xla"
+    gin.clear_config()
+    run_cli.parse_gin(["models/tiny.gin"], bindings=["gqa_t5x.models.model_config.kernels='tpu'"])
+    with pytest.raises(ValueError, match="kernels='tpu' is not one of"):
+        models.model_config()
