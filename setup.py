@@ -62,6 +62,7 @@ setuptools.setup(
             "gqa-train=gqa_t5x.cli.run:train_main",
             "gqa-eval=gqa_t5x.cli.run:eval_main",
             "gqa-infer=gqa_t5x.cli.run:infer_main",
+            "gqa-reproduce=gqa_t5x.cli.reproduce:main",
         ],
     },
 )

@@ -219,11 +219,15 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     """gqa-eval: `evaluate.evaluate()` configured by gin."""
 
     def work():
+        from gqa_t5x.data import mixtures  # noqa: PLC0415
         from gqa_t5x.training import evaluate  # noqa: PLC0415
 
         metrics = evaluate.evaluate()
         for name, value in sorted(metrics.items()):
             print(f"{name}: {value:.4f}")
+        for key in metrics:
+            if key.endswith("/average"):  # one of Table 1's mixtures: its row
+                print(mixtures.table1_line(key[:-len("/average")], metrics))
 
     return _main("gqa-eval", "Evaluate a checkpoint on a seqio task's validation split.",
                  _EVAL_EXAMPLE, argv, work)

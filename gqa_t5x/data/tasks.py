@@ -13,9 +13,11 @@ Importing this module registers (names as in the paper's tables):
 | `wmt14_ende` | `wmt14_translate/de-en` | 512 / 256 | BLEU |
 | `trivia_qa` | `trivia_qa/rc` (with evidence) | 2048 / 32 | F1, EM |
 
-and the mixture `ablation_mixture` (CNN/DM, Multi-News, TriviaQA, equal rates) on which the paper's
-ablations are averaged. The lengths are the paper's; `feature_lengths(name, overrides)` gives them
-with overrides, and `TASK_FEATURE_LENGTHS` holds the defaults. Each task's sequence lengths come
+the mixture `ablation_mixture` (CNN/DM, Multi-News, TriviaQA, equal rates) on which the paper's
+ablations are averaged, and the evaluation mixtures of Table 1 (`summarization_mixture`,
+`translation_mixture`, `qa_mixture`, `table1_mixture`: see `mixtures`). The lengths are the
+paper's; `feature_lengths(name, overrides)` gives them with overrides, and
+`TASK_FEATURE_LENGTHS` holds the defaults. Each task's sequence lengths come
 from the caller (`task.get_dataset(sequence_length=...)`), as usual in seqio.
 
 Text formats follow T5: "summarize: " + document for summarization, "translate English to German: "
@@ -39,7 +41,7 @@ from collections.abc import Mapping
 import seqio
 import tensorflow as tf
 
-from gqa_t5x.data import metrics, span_corruption, vocab
+from gqa_t5x.data import metrics, mixtures, span_corruption, vocab
 
 DATA_DIR_ENV_VAR = "GQA_T5X_TFDS_DATA_DIR"
 
@@ -87,6 +89,11 @@ TASK_FEATURE_LENGTHS: dict[str, dict[str, int]] = {
     WMT14_ENDE: {"inputs": 512, "targets": 256},
     TRIVIA_QA: {"inputs": 2048, "targets": 32},
     ABLATION_MIXTURE: {"inputs": 2048, "targets": 512},
+    # The evaluation mixtures: the longest of their tasks' lengths.
+    "summarization_mixture": {"inputs": 2048, "targets": 512},
+    "translation_mixture": {"inputs": 512, "targets": 256},
+    "qa_mixture": {"inputs": 2048, "targets": 32},
+    "table1_mixture": {"inputs": 2048, "targets": 512},
 }
 
 NOISE_DENSITY = 0.15
@@ -221,7 +228,7 @@ def register_tasks(
     data_dir: str | None = None,
     tfds_names: Mapping[str, str] | None = None,
 ) -> tuple[str, ...]:
-    """(Re-)registers every task and the ablation mixture; replaces earlier registrations.
+    """(Re-)registers every task and the mixtures; replaces earlier registrations.
 
     Args:
       vocabulary: for inputs and targets; None means `vocab.get_vocabulary()` (read lazily).
@@ -229,7 +236,7 @@ def register_tasks(
       tfds_names: per-task TFDS name overrides ("name/config:version"), e.g. for a local copy.
 
     Returns:
-      the registered task names, then the mixture name.
+      the registered task names, then the mixture names.
     """
     vocabulary = vocabulary if vocabulary is not None else vocab.get_vocabulary()
     data_dir = data_dir if data_dir is not None else default_data_dir()
@@ -242,9 +249,10 @@ def register_tasks(
     names = {**TFDS_NAMES, **(tfds_names or {})}
     source = functools.partial(_source, tfds_names=names, data_dir=data_dir)
 
-    # Mixtures hold their tasks; drop the mixture before replacing them.
-    if ABLATION_MIXTURE in seqio.MixtureRegistry.names():
-        seqio.MixtureRegistry.remove(ABLATION_MIXTURE)
+    # Mixtures hold their tasks; drop the mixtures before replacing them.
+    for mixture in (ABLATION_MIXTURE, *mixtures.paper_mixtures()):
+        if mixture in seqio.MixtureRegistry.names():
+            seqio.MixtureRegistry.remove(mixture)
 
     _add_task(
         C4_SPAN_CORRUPTION,
@@ -290,7 +298,9 @@ def register_tasks(
         metric_fns=[metrics.trivia_qa],
     )
     seqio.MixtureRegistry.add(ABLATION_MIXTURE, list(ABLATION_TASKS), default_rate=1.0)
-    return (*TASKS, ABLATION_MIXTURE)
+    for mixture, members in mixtures.paper_mixtures().items():
+        seqio.MixtureRegistry.add(mixture, list(members), default_rate=1.0)
+    return (*TASKS, ABLATION_MIXTURE, *mixtures.paper_mixtures())
 
 
 register_tasks()

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 import seqio
 
+from gqa_t5x.data import mixtures
 from gqa_t5x.data.registry import get_mixture_or_task
 from gqa_t5x.model import shapes
 from gqa_t5x.model.network import Transformer
@@ -291,7 +292,9 @@ def evaluate(model_dir: str = gin.REQUIRED, *, settings: EvalSettings = gin.REQU
              model: models.EncoderDecoderModel | None = None,
              model_parallel: int = 1) -> dict[str, float]:
     """Evaluates a checkpoint (default: the newest in `model_dir`) and appends the metrics to
-    `model_dir/metrics.jsonl` (split = settings.split) and TensorBoard. Returns the metrics."""
+    `model_dir/metrics.jsonl` (split = settings.split) and TensorBoard. Returns the metrics;
+    for one of Table 1's mixtures (`mixtures`) they include "<mixture>/average", the mean of
+    its tasks' ROUGE-1 / BLEU / F1 as Table 1 computes it."""
     if settings.mixture_or_task_name is None or settings.feature_lengths is None:
         raise ValueError("evaluate: settings need mixture_or_task_name (MIXTURE_OR_TASK_NAME) "
                          "and feature_lengths (TASK_FEATURE_LENGTHS)")
@@ -307,6 +310,7 @@ def evaluate(model_dir: str = gin.REQUIRED, *, settings: EvalSettings = gin.REQU
     if not metrics:
         raise ValueError(f"{settings.mixture_or_task_name!r} gave no metrics: its split "
                          f"{settings.split!r} (EVAL_SPLIT) holds no examples")
+    metrics.update(mixtures.table1_average(settings.mixture_or_task_name, metrics))
     log = run_log.RunLog(model_dir)
     log.write(step, settings.split, dict(metrics, checkpoint_step=step))
     log.print(f"{checkpoint_path} ({settings.split}): " + ", ".join(

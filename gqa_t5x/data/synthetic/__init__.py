@@ -37,7 +37,7 @@ from collections.abc import Mapping, Sequence
 import seqio
 import tensorflow as tf
 
-from gqa_t5x.data import metrics, span_corruption, vocab
+from gqa_t5x.data import metrics, mixtures, span_corruption, vocab
 from gqa_t5x.data.synthetic import language as sl
 
 CACHE_ENV_VAR = "GQA_T5X_CACHE"
@@ -54,6 +54,11 @@ SYNTHETIC_FEATURE_LENGTHS = {
     "synthetic_summarize": {"inputs": 128, "targets": 24},
     "synthetic_translate": {"inputs": 32, "targets": 40},
     "synthetic_qa": {"inputs": 128, "targets": 8},
+    # The mixtures (see `mixtures`): the longest of their tasks' lengths.
+    "synthetic_summarization_mixture": {"inputs": 128, "targets": 24},
+    "synthetic_translation_mixture": {"inputs": 32, "targets": 40},
+    "synthetic_qa_mixture": {"inputs": 128, "targets": 8},
+    "synthetic_table1_mixture": {"inputs": 128, "targets": 40},
 }
 
 
@@ -262,7 +267,9 @@ def suite_vocabulary(cache_dir: str | None = None,
 def register_synthetic_tasks(config: SuiteConfig = DEFAULT_CONFIG, cache_dir: str | None = None,
                              prefix: str = "synthetic") -> dict[str, seqio.Task]:
     """Registers `{prefix}_span_corruption`, `_summarize`, `_translate`, `_qa` (replacing any
-    tasks of those names) and returns them by name. Nothing is generated or trained until used."""
+    tasks of those names) and returns them by name, and the mixtures
+    `mixtures.synthetic_mixtures(prefix)` of the three fine-tuning tasks (`{prefix}_qa_mixture`,
+    ..., `{prefix}_table1_mixture`: their union). Nothing is generated or trained until used."""
     vocabulary = SyntheticVocabulary(config, cache_dir)
     features = {k: seqio.Feature(vocabulary=vocabulary, add_eos=True)
                 for k in ("inputs", "targets")}
@@ -278,6 +285,10 @@ def register_synthetic_tasks(config: SuiteConfig = DEFAULT_CONFIG, cache_dir: st
         "qa": dict(preprocessors=tokenize, metric_fns=[metrics.trivia_qa],
                    postprocess_fn=metrics.trivia_qa_postprocess),
     }
+    suite_mixtures = mixtures.synthetic_mixtures(prefix)
+    for mixture in suite_mixtures:  # mixtures hold their tasks: drop them before the tasks
+        if mixture in seqio.MixtureRegistry.names():
+            seqio.MixtureRegistry.remove(mixture)
     tasks = {}
     for task, spec in specs.items():
         name = f"{prefix}_{task}"
@@ -287,6 +298,8 @@ def register_synthetic_tasks(config: SuiteConfig = DEFAULT_CONFIG, cache_dir: st
         seqio.TaskRegistry.remove(name)
         tasks[name] = seqio.TaskRegistry.add(name, source=source, output_features=features,
                                              **spec)
+    for mixture, members in suite_mixtures.items():
+        seqio.MixtureRegistry.add(mixture, list(members), default_rate=1.0)
     return tasks
 
 
