@@ -13,7 +13,7 @@ else
 TORCH := torch==$(TORCH_VERSION)
 endif
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install reproduce demo test test-fast lint bench clean
 
 $(VENV)/.installed: setup.py constraints.txt
 	@echo "== make install: virtual environment $(VENV)"
@@ -27,6 +27,11 @@ $(VENV)/.installed: setup.py constraints.txt
 	@echo "== make install: done ($(VENV))"
 
 install: $(VENV)/.installed
+
+# The paper's experiments at CPU scale on the embedded synthetic suite; rerun to resume.
+REPRODUCE_OUT ?= reproduce_out
+reproduce: install
+	$(VENV)/bin/gqa-reproduce --out $(REPRODUCE_OUT) $(REPRODUCE_FLAGS)
 
 demo: install
 	$(VENV)/bin/gqa-demo

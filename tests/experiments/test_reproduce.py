@@ -239,10 +239,10 @@ def test_paper_dry_run_parses_every_gin_file(tmp_path, capsys):
     assert not (tmp_path / "p").exists()  # a dry run writes nothing
     files, commands = repro_paper.plan_files(reproduce.load_grid("paper"), "/runs")
     assert f"{len(files)} gin files parse" in out
-    # 2 MHA + MQA/GQA at alphas 0, .05, .1 + first and random (aligned: once it exists)
-    n_cells = len(reproduce.cells(dict(reproduce.load_grid("paper"), models={
-        "small": {"num_heads": 16}, "big": {"num_heads": 64}}), METHODS)[0])
-    assert n_cells == 10
+    # 2 MHA + MQA/GQA-8 mean at alphas 0, .05, .1 + MQA first and random + MQA/GQA-8 aligned
+    # (contiguous and similarity groups) at alphas 0, .05
+    n_cells = 2 + 2 * 3 + 2 + 2 * 2 * 2
+    assert sum(c.startswith("# convert ") for c in commands) == 2 + 2 + 2 * 2
     assert sum(n.endswith(".t5x.gin") for n in files) == sum(n.startswith("uptrain/")
                                                             for n in files) / 2
     assert sum(c.startswith("gqa-train") and "finetune/" in c for c in commands) == n_cells * 7 * 3
