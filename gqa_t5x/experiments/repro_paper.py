@@ -47,7 +47,7 @@ def plan_files(grid: Mapping, out: str) -> tuple[dict[str, str], list[str]]:
     cells, notes = reproduce.cells(shaped, _methods())
     files: dict[str, str] = {}
     commands = [f"# gqa-reproduce --scale paper: {len(cells)} models; notes: {notes or 'none'}",
-                "set -euo pipefail", f"OUT={shlex.quote(out)}"]
+                "set -euo pipefail"]
     runs = os.path.join(out, "runs")
     gin_dir = "$(python -c 'import gqa_t5x, os; print(os.path.dirname(gqa_t5x.__file__))')/gin"
 
@@ -60,6 +60,9 @@ def plan_files(grid: Mapping, out: str) -> tuple[dict[str, str], list[str]]:
         preset, kv, name = presets[cell["size"]], cell["kv"], cell["name"]
         model = [f"include 'models/{preset}.gin'"] + _attention(kv)
         start, step = ck[cell["size"]], ck["step"]
+        # t5x restores t5x checkpoints: the public one, a converted checkpoint_<step> (params
+        # only: t5x/uptrain.gin's restore rules) or its own uptraining run's last step
+        t5x_start, t5x_step, t5x_restore = start, step, []
         if kv is not None:
             label = name.rsplit("_a", 1)[0]
             converted = os.path.join(runs, "converted", label)
@@ -70,6 +73,8 @@ def plan_files(grid: Mapping, out: str) -> tuple[dict[str, str], list[str]]:
                      "--num_kv_heads", str(kv), "--model_preset", preset]
                     + [x for k, v in args.items() for x in (f"--{k}", v)])]
             start = converted
+            t5x_start = os.path.join(converted, f"checkpoint_{step}")
+            t5x_restore = ["include 't5x/uptrain.gin'"]
             if cell["alpha"] > 0:
                 up_dir = os.path.join(runs, "uptrain", name)
                 ours = gin_file(f"uptrain/{name}.gin", model + [
@@ -91,6 +96,9 @@ def plan_files(grid: Mapping, out: str) -> tuple[dict[str, str], list[str]]:
                              f"#   or: python -m t5x.train --gin_search_paths={gin_dir} "
                              f"--gin_file={theirs}"]
                 start = up_dir
+                t5x_step = step + int(round(cell["alpha"] * step))
+                t5x_start = os.path.join(up_dir + "_t5x", f"checkpoint_{t5x_step}")
+                t5x_restore = []
         for task in ft["tasks"]:
             lengths = TASK_FEATURE_LENGTHS[task]
             best = f"{task}/{mixtures.primary_metric(task)}"
@@ -107,12 +115,20 @@ def plan_files(grid: Mapping, out: str) -> tuple[dict[str, str], list[str]]:
             evaluation = gin_file(f"evaluate/{name}/{task}.gin", [
                 "include 'runs/eval.gin'", f"MODEL_DIR = {ft_dir!r}", *common,
                 f"EVAL_BATCH_SIZE = {grid['evaluate']['batch_size']}", f"MODEL_PARALLEL = {mp}"])
+            theirs = gin_file(f"finetune/{name}/{task}.t5x.gin", model + [
+                "include 't5x/model.gin'", "include 't5x/configs/runs/finetune.gin'",
+                *t5x_restore, f"MODEL_DIR = {ft_dir + '_t5x'!r}",
+                f"INITIAL_CHECKPOINT_PATH = {t5x_start!r}", *common,
+                f"TRAIN_STEPS = {t5x_step + ft['steps']}", f"BATCH_SIZE = {ft['batch_size']}",
+                f"DROPOUT_RATE = {ft['dropout_rate']}"])
             for seed in range(ft["seeds"]):
-                seed_dir = f"--gin.MODEL_DIR={shlex.quote(repr(f'{ft_dir}/s{seed}'))}"
+                seed_dir = f"--gin.MODEL_DIR=\"'{ft_dir}/s{seed}'\""
                 commands += [f"# fine-tune {name} on {task}, seed {seed}",
                              f"gqa-train --gin_file={ours} {seed_dir} --gin.SEED={seed} "
                              f"--gin.SHUFFLE_SEED={seed}",
-                             f"gqa-eval --gin_file={evaluation} {seed_dir}"]
+                             f"gqa-eval --gin_file={evaluation} {seed_dir}",
+                             f"#   or: python -m t5x.train --gin_search_paths={gin_dir} "
+                             f"--gin_file={theirs} --gin.MODEL_DIR=\"'{ft_dir}_t5x/s{seed}'\""]
     t = grid["time"]
     for size, preset in presets.items():
         commands += [f"# time per sample, {preset} (Figure 6 for the big model)", shlex.join(

@@ -33,20 +33,26 @@ def _checkpoint(ctx, dep: str) -> str:
     return os.path.join(ctx.dep_dirs[dep], ctx.dep_results[dep]["checkpoint"])
 
 
-def _train_result(ctx, result: train.TrainResult) -> dict[str, Any]:
+def _train(stage, ctx, task: str, schedule, **kwargs) -> dict[str, Any]:
+    """train.train in the stage folder on `task` with the stage's model, lengths, batch and
+    seed; returns the checkpoint (relative), the step and the last train loss."""
+    i = stage.inputs
+    result = train.train(
+        ctx.workdir, mixture_or_task_name=task, task_feature_lengths=i["lengths"],
+        batch_size=i["batch_size"], model=models.build_model(_config(i["model"])),
+        schedule=schedule, seed=i["seed"], keep_checkpoints=1, stream=ctx.stream, **kwargs)
     return {"checkpoint": os.path.relpath(result.checkpoint, ctx.workdir), "step": result.step,
             "train_loss": result.train_metrics.get("loss")}
 
 
+def _every(steps: int, at_most: int = 100) -> dict[str, int]:
+    return {"checkpoint_every": max(1, steps // 2), "log_every": max(1, min(at_most, steps // 4))}
+
+
 def pretrain(stage, ctx) -> dict[str, Any]:
     i = stage.inputs
-    result = train.train(
-        ctx.workdir, mixture_or_task_name=i["task"], task_feature_lengths=i["lengths"],
-        batch_size=i["batch_size"], train_steps=i["steps"],
-        model=models.build_model(_config(i["model"])), schedule=optim.rsqrt_schedule(),
-        seed=i["seed"], shuffle_seed=i["seed"], checkpoint_every=max(1, i["steps"] // 2),
-        keep_checkpoints=1, log_every=max(1, min(100, i["steps"] // 4)), stream=ctx.stream)
-    return _train_result(ctx, result)
+    return _train(stage, ctx, i["task"], optim.rsqrt_schedule(), train_steps=i["steps"],
+                  shuffle_seed=i["seed"], **_every(i["steps"]))
 
 
 def convert(stage, ctx) -> dict[str, Any]:
@@ -70,28 +76,17 @@ def convert(stage, ctx) -> dict[str, Any]:
 def uptrain(stage, ctx) -> dict[str, Any]:
     i = stage.inputs
     (dep,) = stage.deps
-    result = train.train(
-        ctx.workdir, mixture_or_task_name=i["task"], task_feature_lengths=i["lengths"],
-        batch_size=i["batch_size"], uptrain_fraction=i["alpha"],
-        initial_checkpoint_path=_checkpoint(ctx, dep),
-        model=models.build_model(_config(i["model"])), schedule=optim.rsqrt_schedule(),
-        seed=i["seed"], shuffle_seed=i["seed"] + 1, checkpoint_every=1_000_000,
-        keep_checkpoints=1, log_every=10, stream=ctx.stream)
-    return _train_result(ctx, result)
+    return _train(stage, ctx, i["task"], optim.rsqrt_schedule(), uptrain_fraction=i["alpha"],
+                  initial_checkpoint_path=_checkpoint(ctx, dep), shuffle_seed=i["seed"] + 1,
+                  checkpoint_every=1_000_000, log_every=10)
 
 
 def finetune(stage, ctx) -> dict[str, Any]:
     i = stage.inputs
     (dep,) = stage.deps
-    result = train.train(
-        ctx.workdir, mixture_or_task_name=i["mixture"], task_feature_lengths=i["lengths"],
-        batch_size=i["batch_size"], train_steps=i["steps"],
-        model=models.build_model(_config(i["model"])),
-        schedule=optim.constant_schedule(i["learning_rate"]),
-        initial_checkpoint_path=_checkpoint(ctx, dep), initial_step_mode="restart",
-        seed=i["seed"], shuffle_seed=i["seed"], checkpoint_every=max(1, i["steps"] // 2),
-        keep_checkpoints=1, log_every=max(1, min(100, i["steps"] // 4)), stream=ctx.stream)
-    return _train_result(ctx, result)
+    return _train(stage, ctx, i["mixture"], optim.constant_schedule(i["learning_rate"]),
+                  train_steps=i["steps"], initial_checkpoint_path=_checkpoint(ctx, dep),
+                  initial_step_mode="restart", shuffle_seed=i["seed"], **_every(i["steps"]))
 
 
 def evaluate_stage(stage, ctx) -> dict[str, Any]:

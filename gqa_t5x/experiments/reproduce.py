@@ -361,8 +361,12 @@ def reproduce(scale: str = "cpu", out: str = "reproduce_out", *, quick: bool = F
         json.dump(grid, f, indent=1, sort_keys=True)
     import jax  # noqa: PLC0415
 
-    # Compiled programs are reused across stages and reruns (same shapes, same program).
-    jax.config.update("jax_compilation_cache_dir", os.path.join(out, ".jax_cache"))
+    # Compiled programs are reused across stages, reruns and output folders (same program,
+    # same jax: the cache's key); beside the synthetic suite's vocabulary.
+    from gqa_t5x.data import synthetic  # noqa: PLC0415
+
+    jax.config.update("jax_compilation_cache_dir", os.path.join(synthetic.default_cache_dir(),
+                                                                "jax"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     from gqa_t5x.experiments import repro_report, repro_stages  # noqa: PLC0415
 

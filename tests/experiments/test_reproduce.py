@@ -37,8 +37,8 @@ num_decoder_layers = 1
 [grid]
 gqa_kv_heads = 2
 table1_alpha = 0.5
-alphas = [0.0, 0.5]
-ablation_methods = ["mean", "first", "random"]
+alphas = [0.5]
+ablation_methods = ["mean", "first"]
 aligned_methods = []
 aligned_alphas = [0.5]
 [pretrain]
@@ -54,7 +54,7 @@ batch_size = 4
 steps = 4
 learning_rate = 0.01
 dropout_rate = 0.0
-seeds = 2
+seeds = 1
 [evaluate]
 num_examples = 2
 batch_size = 2
@@ -178,7 +178,7 @@ def test_tiny_grid_end_to_end_then_resume_after_an_interruption(tmp_path, monkey
     out = tmp_path / "a"
     data = json.loads((out / "results.json").read_text())
     assert all(math.isfinite(x) for x in _numbers(data))
-    assert len(data["cells"]) == 8  # 2 MHA, MQA/GQA mean at 2 alphas, first, random
+    assert len(data["cells"]) == 5  # 2 MHA, MQA and GQA by mean, MQA by first
     for name in repro_report.FIGURES.values():
         blob = (out / name).read_bytes()
         assert blob[:8] == b"\x89PNG\r\n\x1a\n" and len(blob) > 1000
@@ -192,12 +192,12 @@ def test_tiny_grid_end_to_end_then_resume_after_an_interruption(tmp_path, monkey
 
     # Interrupted inside a fine-tune, after its first checkpoint (steps 4, checkpoints at 2, 4):
     # the rerun redoes only the stages not complete and resumes that one from its checkpoint.
-    target = "finetune/gqa2_mean_a0.5/s1"
+    target = "finetune/gqa2_mean_a0.5/s0"
     real_save, calls = train_state.save, {"n": 0}
 
     def save_then_die(manager, state, run, config, best=None):
         real_save(manager, state, run, config, best)
-        if "finetune-gqa2_mean_a0.5-s1-" in str(manager.directory):
+        if "finetune-gqa2_mean_a0.5-s0-" in str(manager.directory):
             calls["n"] += 1
             raise KeyboardInterrupt("killed")
 
@@ -211,7 +211,7 @@ def test_tiny_grid_end_to_end_then_resume_after_an_interruption(tmp_path, monkey
     done = {s.name: os.path.getmtime(os.path.join(reproduce.stage_dir(str(b), s),
                                                   "stage.json"))
             for s in stages if reproduce.read_result(str(b), s) is not None}
-    assert target not in done and len(done) > 10
+    assert target not in done and len(done) > 5
     partial = [s for s in stages if s.name == target][0]
     assert os.path.isdir(reproduce.stage_dir(str(b), partial) + ".partial/checkpoint_2")
 
@@ -243,8 +243,11 @@ def test_paper_dry_run_parses_every_gin_file(tmp_path, capsys):
     # (contiguous and similarity groups) at alphas 0, .05
     n_cells = 2 + 2 * 3 + 2 + 2 * 2 * 2
     assert sum(c.startswith("# convert ") for c in commands) == 2 + 2 + 2 * 2
-    assert sum(n.endswith(".t5x.gin") for n in files) == sum(n.startswith("uptrain/")
-                                                            for n in files) / 2
+    # every uptraining and fine-tuning stage has a gin file for each runner
+    for stage in ("uptrain/", "finetune/"):
+        ours = {n for n in files if n.startswith(stage) and not n.endswith(".t5x.gin")}
+        assert {n for n in files if n.startswith(stage)} - ours == {
+            n[:-4] + ".t5x.gin" for n in ours}
     assert sum(c.startswith("gqa-train") and "finetune/" in c for c in commands) == n_cells * 7 * 3
     assert any("gqa-convert" in c and "--num_kv_heads 8" in c for c in commands)
     assert "gqa-bench --preset t5_1_1_xxl --input_length 2048 --output_length 512" in out
