@@ -140,6 +140,20 @@ def test_ablation_mixture_batches(tiny_vocab, mock_tfds):
     _check_enc_dec_batch(next(iter(ds.as_numpy_iterator())), SHORT, 3)
 
 
+@pytest.mark.parametrize("name", ["table1_mixture", "summarization_mixture"])
+def test_table1_mixtures_batch_every_task(name, tiny_vocab, mock_tfds):
+    mixture = seqio.get_mixture_or_task(name)
+    assert len({mixture.get_rate(t) for t in mixture.tasks}) == 1
+    ds = mixture.get_dataset(SHORT, "validation", shuffle=False, seed=0)
+    ds = seqio.EncDecFeatureConverter(pack=False)(ds, SHORT).batch(4)
+    _check_enc_dec_batch(next(iter(ds.as_numpy_iterator())), SHORT, 4)
+    # after re-registering the tasks the mixtures hold the new ones, not stale copies
+    tasks.register_tasks(vocabulary=tiny_vocab, data_dir="/elsewhere")
+    for task in seqio.get_mixture_or_task(name).tasks:
+        assert task.source.tfds_dataset.data_dir == "/elsewhere"
+    tasks.register_tasks(vocabulary=tiny_vocab)
+
+
 def test_c4_span_corruption_batches(tiny_vocab, mock_tfds):
     lengths = tasks.feature_lengths("c4_span_corruption", {"inputs": 32})
     assert lengths == {"inputs": 32, "targets": 8}  # 34 tokens: 5 noise in 2 spans
@@ -161,7 +175,8 @@ def test_c4_span_corruption_batches(tiny_vocab, mock_tfds):
 
 def test_registration_is_idempotent(tiny_vocab):
     names = tasks.register_tasks(vocabulary=tiny_vocab)
-    assert names == (*tasks.TASKS, "ablation_mixture")
+    assert names == (*tasks.TASKS, "ablation_mixture", "summarization_mixture",
+                     "translation_mixture", "qa_mixture", "table1_mixture")
     tasks.register_tasks(vocabulary=tiny_vocab, data_dir="/nonexistent/tfds")
     assert seqio.get_mixture_or_task("cnn_dailymail").source.tfds_dataset.data_dir == (
         "/nonexistent/tfds"
