@@ -296,6 +296,24 @@ def _table1_rows(summary, times, grid):
     return lines
 
 
+def _quality_table(results):
+    """Before uptraining: each conversion's cross-entropy, KL from the source and accuracy."""
+    quality = {name.split("/", 1)[1]: r["metrics"] for name, r in results.items()
+               if name.startswith("quality/")}
+    if not quality:
+        return []
+    labels = list(quality)
+    lines = ["| conversion | " + " | ".join(f"{k} cross-entropy | {k} KL from MHA | "
+                                           f"{k} token accuracy" for k in labels) + " |",
+             "| --- |" + " ---: | ---: | ---: |" * len(labels)]
+    for variant in quality[labels[0]]:
+        lines.append(f"| {variant} | " + " | ".join(
+            f"{quality[k][variant]['cross_entropy']:.3f} | "
+            f"{quality[k][variant]['kl_from_source']:.4f} | "
+            f"{quality[k][variant]['token_accuracy']:.3f}" for k in labels) + " |")
+    return lines
+
+
 def _paper_table1():
     cols = PAPER_TABLE1["columns"]
     lines = ["| model | " + " | ".join(cols) + " |", "| --- |" + " ---: |" * len(cols)]
@@ -339,6 +357,8 @@ def write_report(out: str, grid: Mapping, cells: Sequence[Mapping], results: Map
                   for n, c in summary.items()},
         "time_per_sample_s": {k: {str(kv): v for kv, v in rows.items()}
                               for k, rows in times.items()},
+        "conversion_quality": {n.split("/", 1)[1]: r["metrics"] for n, r in results.items()
+                               if n.startswith("quality/")},
         "stages": {n: {"key": r["key"], "seconds": r["seconds"]} for n, r in results.items()},
         "verdicts": verdict_list, "figures": figures,
     }
@@ -364,6 +384,12 @@ def write_report(out: str, grid: Mapping, cells: Sequence[Mapping], results: Map
     md += ["## Table 1 analog", ""] + _table1_rows(summary, times, grid)
     md += ["", "The paper's Table 1 (T5.1.1 on the real datasets; T_infer in s on TPUv4):", ""]
     md += _paper_table1()
+    quality = _quality_table(results)
+    if quality:
+        md += ["", "## Before uptraining: what each conversion keeps", "",
+               "Teacher-forced on the first batches of the pretraining task's validation split, "
+               "right after conversion (experiments.conversion_quality; 'source' is the big MHA "
+               "model itself):", ""] + quality
     md += ["", "## Verdicts", ""]
     md += [f"- **{v['claim']}**: {v['verdict']}. {v['evidence']}." for v in verdict_list]
     md += ["", "A difference counts when it exceeds twice its standard error over seeds; "

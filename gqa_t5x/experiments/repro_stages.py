@@ -108,6 +108,23 @@ def evaluate_stage(stage, ctx) -> dict[str, Any]:
     return {"metrics": metrics}
 
 
+def quality(stage, ctx) -> dict[str, Any]:
+    from gqa_t5x.experiments.conversion_quality import conversion_quality  # noqa: PLC0415
+
+    i = stage.inputs
+    (dep,) = stage.deps
+    params, source, _ = train_state.read_params(_checkpoint(ctx, dep))
+    params = jax.tree_util.tree_map(np.asarray, params)
+    results = conversion_quality(params, source, _config(i["target"]), i["task"],
+                                 variants=i["variants"], seed=i["seed"],
+                                 num_batches=i["num_batches"], batch_size=i["batch_size"],
+                                 feature_lengths=i["lengths"])
+    for name, m in results.items():
+        print(f"   {name}: cross-entropy {m['cross_entropy']:.3f}, KL from source "
+              f"{m['kl_from_source']:.4f}", file=ctx.stream, flush=True)
+    return {"metrics": results}
+
+
 def time_stage(stage, ctx) -> dict[str, Any]:
     i = stage.inputs
     fields = dict(i["model"])
@@ -131,4 +148,4 @@ def time_stage(stage, ctx) -> dict[str, Any]:
 
 
 RUNNERS = {"pretrain": pretrain, "convert": convert, "uptrain": uptrain, "finetune": finetune,
-           "evaluate": evaluate_stage, "time": time_stage}
+           "evaluate": evaluate_stage, "quality": quality, "time": time_stage}

@@ -4,6 +4,8 @@ A grid (`configs/reproduce_<scale>.toml`) becomes a plan: a list of stages in de
 
     pretrain  small and big MHA models on span corruption (the paper's public checkpoints)
     convert   big -> MQA / GQA-G by each method (conversion.convert_params)
+    quality   what each conversion keeps before uptraining: cross-entropy and KL from the big
+              model on span corruption (experiments.conversion_quality; the alpha = 0 column)
     uptrain   each conversion for alpha x the pretraining steps (none at alpha = 0)
     finetune  every model on the fine-tuning mixture, once per seed
     evaluate  every fine-tuned model on each task of the mixture (metric, held-out loss)
@@ -36,9 +38,17 @@ from gqa_t5x.experiments import configs
 STAGE_FILE = "stage.json"
 # Bump a kind's version when what its stage computes changes, so that cached outputs are redone.
 STAGE_VERSIONS = {"pretrain": 1, "convert": 1, "uptrain": 1, "finetune": 1, "evaluate": 1,
-                  "time": 1}
+                  "quality": 1, "time": 1}
 # Grid method names -> convert_params arguments.
 METHOD_ARGS = {"aligned_similarity": {"method": "aligned", "grouping": "similarity"}}
+# Grid method names -> conversion_quality's variant names.
+QUALITY_VARIANT = {"aligned_similarity": "aligned/similarity"}
+
+
+def g_methods(grid: Mapping) -> list[str]:
+    """The grid's conversion methods in the order the report lists them."""
+    g = grid["grid"]
+    return list(dict.fromkeys([*g["ablation_methods"], *g.get("aligned_methods", [])]))
 
 
 # ---- the grid -----------------------------------------------------------------------------------
@@ -210,6 +220,14 @@ def make_plan(grid: Mapping, available_methods: tuple[str, ...] | None = None
                 "num_examples": ev["num_examples"], "batch_size": ev["batch_size"]}, (f,),
                 cost=10 + ev["num_examples"] * ft["lengths"]["targets"] / 40)
             cell["stages"].append(e)
+    ran = {c["method"] for c in the_cells}
+    variants = [QUALITY_VARIANT.get(m, m) for m in g_methods(grid) if m in ran]
+    gk = grid["grid"]["gqa_kv_heads"]
+    for kv, label in ((1, "mqa"), (gk, f"gqa{gk}")):
+        plan.add("quality", f"quality/{label}", {
+            "target": model_fields(grid, "big", kv), "task": pre["task"],
+            "lengths": pre["lengths"], "variants": variants, "num_batches": 4,
+            "batch_size": 8, "seed": 0}, ("pretrain/big",), cost=15)
     t = grid["time"]
     shapes = {"small": model_fields(grid, "small"), "big": model_fields(grid, "big")}
     for size, fields in shapes.items():
