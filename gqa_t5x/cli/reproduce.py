@@ -37,6 +37,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         print(f"gqa-reproduce: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\ngqa-reproduce: interrupted; run the same command again to resume from "
+              f"{args.out}", file=sys.stderr)
+        return 130
     return 0
 
 

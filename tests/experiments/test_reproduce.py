@@ -265,3 +265,19 @@ def test_paper_gin_check_rejects_a_bad_file(tmp_path):
     t5x_bad.write_text("include 'models/no_such_model.gin'\n")
     with pytest.raises(ValueError, match="no_such_model.gin"):
         repro_paper.check_gin_files([str(t5x_bad)])
+
+
+def test_cli_bad_input_is_one_line(tmp_path, capsys):
+    from gqa_t5x.cli import reproduce as cli
+
+    assert cli.main(["--seeds", "0", "--dry-run"]) == 2
+    assert capsys.readouterr().err.strip() == "gqa-reproduce: --seeds 0: need at least 1"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    grid = tmp_path / "grid.toml"
+    grid.write_text(TINY_GRID)
+    assert cli.main(["--out", str(other), "--grid", str(grid)]) == 2
+    err = capsys.readouterr().err
+    assert "not a gqa-reproduce run" in err and "--force" in err
+    assert (other / "notes.txt").read_text() == "keep me"
