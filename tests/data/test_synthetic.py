@@ -181,8 +181,13 @@ def test_registration_is_lazy_and_idempotent(tmp_path):
     assert not os.listdir(tmp_path)  # nothing trained before the vocabulary is used
     syn.register_synthetic_tasks(TINY, cache_dir=str(tmp_path), prefix="lazy_synthetic")
     assert set(names) <= set(seqio.TaskRegistry.names())
-    for name in syn.SYNTHETIC_FEATURE_LENGTHS:
-        assert name in seqio.TaskRegistry.names()
+    # the prefix's mixtures too, holding the prefix's tasks (registering twice replaced them)
+    union = seqio.get_mixture_or_task("lazy_synthetic_table1_mixture")
+    assert sorted(t.name for t in union.tasks) == sorted(names[1:])
+    for name in syn.SYNTHETIC_FEATURE_LENGTHS:  # the default suite: tasks and mixtures
+        assert name in set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names())
+    for name in [n for n in seqio.MixtureRegistry.names() if n.startswith("lazy_synthetic")]:
+        seqio.MixtureRegistry.remove(name)
     for name in names:
         seqio.TaskRegistry.remove(name)
 
