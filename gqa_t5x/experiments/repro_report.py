@@ -102,84 +102,118 @@ def _get(summary, name, q="average"):
     return cell["stats"][q] if cell else None
 
 
-def verdicts(summary: Mapping, times: Mapping, grid: Mapping) -> list[dict[str, str]]:
-    """[{"claim", "verdict", "evidence"}] for CLAIMS, from the Table 1 average (mean over seeds)."""
+def _both(summary, name):
+    """"<average> (loss <loss>)" of a cell, for the evidence."""
+    return f"{_get(summary, name)} (loss {_get(summary, name, 'loss')})"
+
+
+def _neg(stat: Stat) -> Stat:
+    return Stat(-stat.mean, stat.std, stat.n)
+
+
+def _claim_verdicts(summary: Mapping, grid: Mapping, q: str) -> dict[str, str]:
+    """{claim: verdict} of the quality claims on quantity `q`, higher better ("average", or
+    "neg_loss": the held-out loss negated)."""
     g = grid["grid"]
     a1, gk = g["table1_alpha"], g["gqa_kv_heads"]
-    out = []
-
-    def add(claim, verdict, evidence):
-        out.append({"claim": claim, "verdict": verdict, "evidence": evidence})
-
+    out = {}
     # 1. mean > first > random
-    ms = {m: _get(summary, f"mqa_{m}_a{a1:g}") for m in ("mean", "first", "random")}
-    if all(ms.values()):
-        c = [compare(ms["mean"], ms["first"]), compare(ms["first"], ms["random"])]
-        v = ("supported" if c == [1, 1] else "contradicted" if -1 in c else "undecided")
-        add(CLAIMS[0], v, f"MQA at alpha {a1:g}, average: mean {ms['mean']}, first "
-            f"{ms['first']}, random {ms['random']} (loss: " + ", ".join(
-                f"{m} {_get(summary, f'mqa_{m}_a{a1:g}', 'loss')}" for m in ms) + ")")
-    else:
-        add(CLAIMS[0], "undecided", "the grid lacks a method cell")
+    ms = {m: _get(summary, f"mqa_{m}_a{a1:g}", q) for m in ("mean", "first", "random")}
+    c = ([compare(ms["mean"], ms["first"]), compare(ms["first"], ms["random"])]
+         if all(ms.values()) else [0])
+    out[CLAIMS[0]] = ("supported" if c == [1, 1] else "contradicted" if -1 in c
+                      else "undecided")
     # 2. GQA close to MHA and above MQA
-    h, q, m = (_get(summary, "mha_big"), _get(summary, f"gqa{gk}_mean_a{a1:g}"),
-               _get(summary, f"mqa_mean_a{a1:g}"))
-    above, below_mha = compare(q, m), compare(h, q)
-    close = below_mha != 1 or (h.mean - q.mean) < (h.mean - m.mean) / 2
-    v = ("supported" if above == 1 and close else
-         "contradicted" if above == -1 or (below_mha == 1 and h.mean - q.mean >= h.mean - m.mean)
-         else "undecided")
-    add(CLAIMS[1], v, f"average at alpha {a1:g}: MHA-big {h}, GQA-{gk} {q}, MQA {m}")
+    h, gq, m = (_get(summary, "mha_big", q), _get(summary, f"gqa{gk}_mean_a{a1:g}", q),
+                _get(summary, f"mqa_mean_a{a1:g}", q))
+    above, below_mha = compare(gq, m), compare(h, gq)
+    close = below_mha != 1 or (h.mean - gq.mean) < (h.mean - m.mean) / 2
+    out[CLAIMS[1]] = (
+        "supported" if above == 1 and close else "contradicted" if above == -1 or (
+            below_mha == 1 and h.mean - gq.mean >= h.mean - m.mean) else "undecided")
     # 3. uptraining helps, with diminishing returns
-    parts, signs, diminishing = [], [], []
+    signs, diminishing = [], []
+    alphas = sorted(set(g["alphas"]) | {a1})
     for label in ("mqa", f"gqa{gk}"):
-        alphas = sorted(set(g["alphas"]) | {a1})
-        s = [_get(summary, f"{label}_mean_a{a:g}") for a in alphas]
-        parts.append(f"{label}: " + ", ".join(f"alpha {a:g} {x}" for a, x in zip(alphas, s)))
+        s = [_get(summary, f"{label}_mean_a{a:g}", q) for a in alphas]
         signs.append(compare(s[1], s[0]))
         if len(s) >= 3:
             diminishing.append(s[2].mean - s[1].mean < s[1].mean - s[0].mean)
-    v = ("contradicted" if -1 in signs else
-         "supported" if all(x == 1 for x in signs) and diminishing and all(diminishing)
-         else "undecided")
-    add(CLAIMS[2], v, "; ".join(parts))
-    # 4. GQA's time near MQA's
-    fracs, parts = [], []
+    out[CLAIMS[2]] = ("contradicted" if -1 in signs else "supported" if all(
+        x == 1 for x in signs) and diminishing and all(diminishing) else "undecided")
+    # 5. aligned vs mean
+    signs = []
+    for name, cell in summary.items():
+        method = cell["cell"]["method"] or ""
+        mean = _get(summary, name.replace(method, "mean", 1), q)
+        if method.startswith("aligned") and mean is not None:
+            signs.append(compare(cell["stats"][q], mean))
+    out[CLAIMS[4]] = ("undecided" if not signs or (1 in signs and -1 in signs) else
+                      "supported" if 1 in signs else "contradicted" if -1 in signs
+                      else "undecided")
+    return out
+
+
+def _evidence(summary: Mapping, times: Mapping, grid: Mapping) -> dict[str, str]:
+    g = grid["grid"]
+    a1, gk = g["table1_alpha"], g["gqa_kv_heads"]
+    out = {CLAIMS[0]: f"MQA at alpha {a1:g}: " + ", ".join(
+        f"{m} {_both(summary, f'mqa_{m}_a{a1:g}')}" for m in ("mean", "first", "random")),
+        CLAIMS[1]: f"at alpha {a1:g}: MHA-big {_both(summary, 'mha_big')}, GQA-{gk} "
+        f"{_both(summary, f'gqa{gk}_mean_a{a1:g}')}, MQA {_both(summary, f'mqa_mean_a{a1:g}')}"}
+    alphas = sorted(set(g["alphas"]) | {a1})
+    out[CLAIMS[2]] = "; ".join(f"{label}: " + ", ".join(
+        f"alpha {a:g} {_both(summary, f'{label}_mean_a{a:g}')}" for a in alphas)
+        for label in ("mqa", f"gqa{gk}"))
+    parts = []
     for shape in ("big", "config_b"):
         rows = times.get(shape)
         if not rows:
             continue
         n = max(rows)
         kv = gk if shape == "big" else max(2, n * gk // grid["models"]["big"]["num_heads"])
-        if kv not in rows or 1 not in rows:
-            continue
-        t1, tg, tn = rows[1], rows[kv], rows[n]
-        frac = (tg - t1) / (tn - t1) if tn > t1 * 1.1 else math.nan
-        fracs.append(frac)
-        parts.append(f"{shape}: MQA {t1 * 1e3:.2f} ms, GQA-{kv} {tg * 1e3:.2f} ms, MHA "
-                     f"{tn * 1e3:.2f} ms per sample (GQA's share of the MHA-MQA gap "
-                     f"{frac:.2f})" if frac == frac else f"{shape}: MHA is not 10% slower "
-                     f"than MQA ({tn * 1e3:.2f} vs {t1 * 1e3:.2f} ms), nothing to be near")
-    v = ("supported" if fracs and all(f < 0.5 for f in fracs) else
-         "contradicted" if fracs and all(f >= 0.5 for f in fracs) else "undecided")
-    add(CLAIMS[3], v, "; ".join(parts) + " (one timing per shape on a shared machine: noisy)")
-    # 5. aligned vs mean
-    signs, parts = [], []
-    for name, cell in summary.items():
-        c = cell["cell"]
-        if not (c["method"] or "").startswith("aligned"):
-            continue
-        mean = _get(summary, name.replace(c["method"], "mean", 1))
-        if mean is None:
-            continue
-        al = cell["stats"]["average"]
-        signs.append(compare(al, mean))
-        parts.append(f"{name}: {al} vs mean {mean} (loss {cell['stats']['loss']} vs "
-                     f"{_get(summary, name.replace(c['method'], 'mean', 1), 'loss')})")
-    v = ("undecided" if not signs or (1 in signs and -1 in signs) else
-         "supported" if 1 in signs else "contradicted" if -1 in signs else "undecided")
-    add(CLAIMS[4], v, "; ".join(parts) or "no aligned cells ran (method unavailable)")
+        if kv in rows and 1 in rows:
+            t1, tg, tn = rows[1] * 1e3, rows[kv] * 1e3, rows[n] * 1e3
+            share = (f" (GQA's share of the MHA-MQA gap {(tg - t1) / (tn - t1):.2f})"
+                     if tn > t1 * 1.1 else ": MHA is not 10% slower than MQA")
+            parts.append(f"{shape}: MQA {t1:.2f} ms, GQA-{kv} {tg:.2f} ms, MHA {tn:.2f} ms per "
+                         f"sample{share}")
+    out[CLAIMS[3]] = "; ".join(parts) + " (one timing per shape on a shared machine: noisy)"
+    parts = [f"{name} {_both(summary, name)} vs mean "
+             f"{_both(summary, name.replace(c['cell']['method'], 'mean', 1))}"
+             for name, c in summary.items() if (c["cell"]["method"] or "").startswith("aligned")
+             and name.replace(c["cell"]["method"], "mean", 1) in summary]
+    out[CLAIMS[4]] = "; ".join(parts) or "no aligned cells ran (method unavailable)"
     return out
+
+
+def _time_verdict(times: Mapping, grid: Mapping) -> str:
+    gk, fracs = grid["grid"]["gqa_kv_heads"], []
+    for shape in ("big", "config_b"):
+        rows = times.get(shape)
+        if not rows:
+            continue
+        n = max(rows)
+        kv = gk if shape == "big" else max(2, n * gk // grid["models"]["big"]["num_heads"])
+        if kv in rows and 1 in rows and rows[n] > rows[1] * 1.1:
+            fracs.append((rows[kv] - rows[1]) / (rows[n] - rows[1]))
+    return ("supported" if fracs and all(f < 0.5 for f in fracs) else
+            "contradicted" if fracs and all(f >= 0.5 for f in fracs) else "undecided")
+
+
+def verdicts(summary: Mapping, times: Mapping, grid: Mapping) -> list[dict[str, str]]:
+    """[{"claim", "verdict", "loss_verdict", "evidence"}] for CLAIMS: "verdict" from Table 1's
+    average, "loss_verdict" from the held-out loss (lower is better), both over seeds; the
+    timing claim from the time per sample (GQA within half of the MHA-MQA gap of MQA)."""
+    summary = {n: dict(c, stats=dict(c["stats"], neg_loss=_neg(c["stats"]["loss"])))
+               for n, c in summary.items()}
+    by_metric = _claim_verdicts(summary, grid, "average")
+    by_loss = _claim_verdicts(summary, grid, "neg_loss")
+    evidence = _evidence(summary, times, grid)
+    time_verdict = _time_verdict(times, grid)
+    return [{"claim": c, "verdict": by_metric.get(c, time_verdict),
+             "loss_verdict": by_loss.get(c, time_verdict), "evidence": evidence[c]}
+            for c in CLAIMS]
 
 
 # ---- figures ------------------------------------------------------------------------------------
@@ -391,7 +425,10 @@ def write_report(out: str, grid: Mapping, cells: Sequence[Mapping], results: Map
                "right after conversion (experiments.conversion_quality; 'source' is the big MHA "
                "model itself):", ""] + quality
     md += ["", "## Verdicts", ""]
-    md += [f"- **{v['claim']}**: {v['verdict']}. {v['evidence']}." for v in verdict_list]
+    md += [f"- **{v['claim']}**: {v['verdict']}" + (
+        "" if v["loss_verdict"] == v["verdict"] else
+        f" on the average, {v['loss_verdict']} on the held-out loss") + f". {v['evidence']}."
+        for v in verdict_list]
     md += ["", "A difference counts when it exceeds twice its standard error over seeds; "
            "otherwise the claim is undecided at this scale.", "", "## Figures", ""]
     md += [f"![{f}]({f})" for f in figures]

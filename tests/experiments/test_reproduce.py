@@ -122,9 +122,10 @@ def test_compare_uses_twice_the_standard_error():
     assert repro_report.compare(Stat(50.0, None, 1), Stat(10.0, None, 1)) == 0  # one seed
 
 
-def _summary(values):
+def _summary(values, losses=None):
     return {name: {"cell": {"method": name.split("_")[1] if "_" in name else None},
-                   "stats": {"average": Stat(v, 0.1, 3), "loss": Stat(1.0, 0.1, 3)}}
+                   "stats": {"average": Stat(v, 0.1, 3),
+                             "loss": Stat((losses or {}).get(name, 1.0), 0.1, 3)}}
             for name, v in values.items()}
 
 
@@ -140,6 +141,10 @@ def test_verdicts_from_hand_made_numbers():
                                                                    grid)}
     assert list(got) == list(repro_report.CLAIMS)
     assert set(got.values()) == {"supported"}
+    accelerating = dict(values, **{"mqa_mean_a0.05": 41, "mqa_mean_a0.1": 46})  # +1, then +5
+    got = {v["claim"]: v["verdict"] for v in repro_report.verdicts(_summary(accelerating),
+                                                                   times, grid)}
+    assert got["uptraining helps, with diminishing returns"] == "undecided"
     values.update({"mqa_first_a0.05": 46, "gqa2_mean_a0.05": 44, "mqa_mean_a0.1": 44.5,
                    "mqa_aligned_a0.05": 43})
     times = {"big": {1: 1.0, 2: 1.8, 16: 2.0}}
@@ -153,6 +158,13 @@ def test_verdicts_from_hand_made_numbers():
     assert got["mean > first > random"] == "undecided"  # 45 vs 45.05: within the spread
     assert got["aligned beats mean (beyond the paper)"] == "undecided"
     assert got["GQA's time per sample near MQA's"] == "undecided"  # no timing
+    # the held-out loss decides where the metric does not (lower loss is better)
+    losses = {"mqa_mean_a0.05": 1.0, "mqa_first_a0.05": 1.5, "mqa_random_a0.05": 2.0,
+              "mqa_aligned_a0.05": 1.4}
+    got = {v["claim"]: v for v in repro_report.verdicts(_summary(values, losses), {}, grid)}
+    assert got["mean > first > random"]["verdict"] == "undecided"
+    assert got["mean > first > random"]["loss_verdict"] == "supported"
+    assert got["aligned beats mean (beyond the paper)"]["loss_verdict"] == "contradicted"
 
 
 def _run(tmp_path, out, **kwargs):
