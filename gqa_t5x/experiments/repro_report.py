@@ -136,6 +136,9 @@ def _claim_verdicts(summary: Mapping, grid: Mapping, q: str) -> dict[str, str]:
     alphas = sorted(set(g["alphas"]) | {a1})
     for label in ("mqa", f"gqa{gk}"):
         s = [_get(summary, f"{label}_mean_a{a:g}", q) for a in alphas]
+        if len(s) < 2:  # one uptraining fraction: nothing to compare
+            signs.append(0)
+            continue
         signs.append(compare(s[1], s[0]))
         if len(s) >= 3:
             diminishing.append(s[2].mean - s[1].mean < s[1].mean - s[0].mean)
