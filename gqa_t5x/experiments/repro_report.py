@@ -169,18 +169,12 @@ def _evidence(summary: Mapping, times: Mapping, grid: Mapping) -> dict[str, str]
         f"alpha {a:g} {_both(summary, f'{label}_mean_a{a:g}')}" for a in alphas)
         for label in ("mqa", f"gqa{gk}"))
     parts = []
-    for shape in ("big", "config_b"):
-        rows = times.get(shape)
-        if not rows:
-            continue
-        n = max(rows)
-        kv = gk if shape == "big" else max(2, n * gk // grid["models"]["big"]["num_heads"])
-        if kv in rows and 1 in rows:
-            t1, tg, tn = rows[1] * 1e3, rows[kv] * 1e3, rows[n] * 1e3
-            share = (f" (GQA's share of the MHA-MQA gap {(tg - t1) / (tn - t1):.2f})"
-                     if tn > t1 * 1.1 else ": MHA is not 10% slower than MQA")
-            parts.append(f"{shape}: MQA {t1:.2f} ms, GQA-{kv} {tg:.2f} ms, MHA {tn:.2f} ms per "
-                         f"sample{share}")
+    for shape, kv, t1, tg, tn in _time_points(times, grid):
+        t1, tg, tn = t1 * 1e3, tg * 1e3, tn * 1e3
+        share = (f" (GQA's share of the MHA-MQA gap {(tg - t1) / (tn - t1):.2f})"
+                 if tn > t1 * 1.1 else ": MHA is not 10% slower than MQA")
+        parts.append(f"{shape}: MQA {t1:.2f} ms, GQA-{kv} {tg:.2f} ms, MHA {tn:.2f} ms per "
+                     f"sample{share}")
     out[CLAIMS[3]] = "; ".join(parts) + " (one timing per shape on a shared machine: noisy)"
     parts = [f"{name} {_both(summary, name)} vs mean "
              f"{_both(summary, name.replace(c['cell']['method'], 'mean', 1))}"
@@ -190,16 +184,23 @@ def _evidence(summary: Mapping, times: Mapping, grid: Mapping) -> dict[str, str]
     return out
 
 
-def _time_verdict(times: Mapping, grid: Mapping) -> str:
-    gk, fracs = grid["grid"]["gqa_kv_heads"], []
+def _time_points(times: Mapping, grid: Mapping):
+    """(shape, GQA's kv heads, MQA's, GQA's and MHA's seconds per sample) of each timed shape:
+    the big model at the grid's GQA-G, config B at the same share of its heads (at least 2)."""
+    gk = grid["grid"]["gqa_kv_heads"]
     for shape in ("big", "config_b"):
         rows = times.get(shape)
         if not rows:
             continue
         n = max(rows)
         kv = gk if shape == "big" else max(2, n * gk // grid["models"]["big"]["num_heads"])
-        if kv in rows and 1 in rows and rows[n] > rows[1] * 1.1:
-            fracs.append((rows[kv] - rows[1]) / (rows[n] - rows[1]))
+        if kv in rows and 1 in rows:
+            yield shape, kv, rows[1], rows[kv], rows[n]
+
+
+def _time_verdict(times: Mapping, grid: Mapping) -> str:
+    fracs = [(tg - t1) / (tn - t1) for _, _, t1, tg, tn in _time_points(times, grid)
+             if tn > t1 * 1.1]
     return ("supported" if fracs and all(f < 0.5 for f in fracs) else
             "contradicted" if fracs and all(f >= 0.5 for f in fracs) else "undecided")
 

@@ -34,6 +34,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from gqa_t5x.experiments import configs
+from gqa_t5x.progress import format_duration
 
 STAGE_FILE = "stage.json"
 # Bump a kind's version when what its stage computes changes, so that cached outputs are redone.
@@ -289,7 +290,7 @@ def run_plan(stages: list[Stage], out: str, runners: Mapping[str, Callable[[Stag
             continue
         k += 1
         eta = ("" if not done_cost else
-               f", grid ETA {_duration((total_cost - done_cost) * spent / done_cost)}")
+               f", grid ETA {format_duration((total_cost - done_cost) * spent / done_cost)}")
         print(f"\n== stage {k}/{len(todo)}: {stage.name} [{stage.key}]{eta}", file=stream,
               flush=True)
         partial = final + ".partial"
@@ -310,13 +311,9 @@ def run_plan(stages: list[Stage], out: str, runners: Mapping[str, Callable[[Stag
         results[stage.name] = result
         done_cost += stage.cost
         spent += result["seconds"]
-        print(f"   {stage.name} done in {_duration(result['seconds'])}", file=stream, flush=True)
+        print(f"   {stage.name} done in {format_duration(result['seconds'])}", file=stream,
+              flush=True)
     return results
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 # ---- the whole run ------------------------------------------------------------------------------
