@@ -1,15 +1,18 @@
 """Inference benchmark: time per sample against the number of key/value groups (Figure 6).
 
 For one model shape and every divisor G of `num_heads` (or a given list), GQA-G is built with
-random weights and timed after compilation and warm-up: encoder, cache creation (the cross K/V
-projection, once per input), the decode loop, per-step time, time per sample and the cache size.
+random weights and timed after compilation and warm-up: encoder, cache creation (zeros), the
+decode loop (whose first step projects the cross K/V, once per input), per-step time, time per
+sample and the cache size. Beam search rows keep one cross K/V cache per example, as
+`decoding.generate` does.
 Beside each measurement stands the prediction of the bytes model:
 
   per decode step: bytes of decoder weights (every decoder layer and the logits projection, but
   not the cross-attention key/value kernels, which run once) + bytes of K/V cache read
   (self-attention up to the current length, cross-attention over the whole input), divided by
   the memory bandwidth measured on the spot (`jax.jit(jnp.sum)` over ~1 GiB);
-  encoder and cache creation: their FLOPs divided by the measured matmul rate.
+  encoder and the cross K/V projection: their FLOPs divided by the measured matmul rate (the
+  predicted `cache_init_s` is the projection, which the measured figures count in the loop).
 
 A second per-step figure, the matvec model, charges the decoder weights at the rate at which a
 [batch, D] x [D, V] product (the logits projection alone through `layers.dense`, timed on the
@@ -263,20 +266,16 @@ def time_decoding(module: Transformer, params, tokens, settings: BenchmarkSettin
         t0 = time.perf_counter()
         encoded = jax.block_until_ready(decoding.encode(module, params, tokens))
         t1 = time.perf_counter()
-        enc_tokens = tokens
-        if beams > 1:
-            enc_tokens = jnp.repeat(tokens, beams, axis=0)
-            encoded = jax.block_until_ready(jnp.repeat(encoded, beams, axis=0))
-        cache = jax.block_until_ready(
-            decoding.init_cache(module, params, encoded, enc_tokens, max_decode_length=n))
+        cache = jax.block_until_ready(decoding.init_cache(
+            module, params, encoded, tokens, max_decode_length=n, num_beams=beams))
         nbytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(cache))
         t2 = time.perf_counter()
         if method == "beam":
-            result = decoding.beam_search(module, params, cache, encoded, enc_tokens,
+            result = decoding.beam_search(module, params, cache, encoded, tokens,
                                           max_decode_length=n, num_beams=beams,
                                           force_steps=True)
         else:
-            result = decoding.decode_loop(module, params, cache, encoded, enc_tokens,
+            result = decoding.decode_loop(module, params, cache, encoded, tokens,
                                           max_decode_length=n, force_steps=True)
         jax.block_until_ready(result.tokens)
         t3 = time.perf_counter()

@@ -10,10 +10,18 @@ G query heads per kv head (N // K), H head width.
 Decode cache (collection `cache`, batch first, only K heads):
   self-attention   cached_key, cached_value  [B, K, L, H]  L = max_decode_length; step t writes
                    position t (the decoder's `cache_index`), later positions are masked.
-  cross-attention  cached_key, cached_value  [B, K, S, H]  projected from the encoder output once,
-                   when the cache is created, and only read at each step.
+  cross-attention  cached_key, cached_value  [B, K, S, H]  zeros when the cache is created;
+                   the step at cache_index 0 projects the encoder output it is given into them,
+                   every later step only reads them.
+The cross cache is filled by the first step, not by the call that creates the cache, because
+t5x creates the cache from dummy inputs and passes the real encoder output only to the steps.
 [B, K, S, H] is the layout the step reads: the contraction over H with batch axes (B, K) needs
 no transpose.
+
+Shared keys/values: queries may have W times the batch of the keys/values ([B*W, T, N, H]
+against [B, K, S, H], rows b*W .. b*W+W-1 using key row b), as beam search's W beams of one
+example share its cross-attention keys/values. The W rows then become W*T queries of one row,
+so each kv head serves W*G queries and its keys/values are stored and read once per example.
 """
 
 from __future__ import annotations
@@ -68,34 +76,66 @@ def dot_product_attention(query, key, value, bias=None, *, dropout_rng=None, dro
     """Grouped dot-product attention without logit scaling (T5 folds it into the query init).
 
     Args:
-      query: [B, T, N, H].
+      query: [B*W, T, N, H], W >= 1: rows b*W .. b*W+W-1 attend to key/value row b.
       key, value: [B, K, S, H] with N % K == 0.
-      bias: additive, broadcastable to [B, N, T, S] (masks and relative position bias).
+      bias: additive, 4-D, broadcastable to [B*W, N, T, S] or to [B, N, T, S] (masks and
+        relative position bias).
       kernels: "xla", "cpu" or "auto" (see `kernel_choice`).
     Returns:
-      [B, T, N, H].
+      [B*W, T, N, H].
 
     With the CPU kernels, a decode step (T == 1, no dropout, float32) runs in the compiled
-    `decode_attention`, which reads each kv head's keys and values once for its G queries; its
+    `decode_attention`, which reads each kv head's keys and values once for its W*G queries; its
     gradient is this function's XLA path.
     """
-    b, t, n, h = query.shape
-    k = key.shape[1]
-    if key.shape != value.shape or key.shape[0] != b or key.shape[3] != h:
+    bw, t, n, h = query.shape
+    b, k = key.shape[:2]
+    if key.shape != value.shape or bw % b or key.shape[3] != h:
         raise ValueError(f"key {key.shape} / value {value.shape} do not fit query {query.shape}")
     if n % k:
         raise ValueError(f"{n} query heads are not divisible by {k} kv heads")
+    if bias is not None and bias.ndim != 4:
+        raise ValueError(f"bias {bias.shape} is not 4-D [batch, heads, queries, keys]")
+    w = bw // b
     dropout = dropout_rng is not None and dropout_rate > 0.0
-    if (kernels != "xla" and t == 1 and not dropout and jnp.dtype(dtype) == jnp.float32
+    step = (kernels != "xla" and t == 1 and not dropout and jnp.dtype(dtype) == jnp.float32
             and all(a.dtype == jnp.float32 for a in (query, key, value))
-            and kernel_choice.cpu_kernels(kernels) is not None):
-        s = key.shape[2]
-        bias = jnp.zeros((), jnp.float32) if bias is None else bias.astype(jnp.float32)
-        bias = jnp.broadcast_to(bias, (b, n, 1, s)).reshape(b, k, n // k, s)  # [B, K, G, S]
-        out = _kernel_step(query.reshape(b, k, n // k, h), key, value, bias)  # [B, K, G, H]
-        return out.reshape(b, 1, n, h)
-    return _attention(query, key, value, bias, dropout_rng if dropout else None, dropout_rate,
-                      dtype)
+            and kernel_choice.cpu_kernels(kernels) is not None)
+    if w > 1:  # the W rows of one key/value row as W*T queries of that row
+        query = query.reshape(b, w * t, n, h)
+        bias = None if bias is None else _fold_rows(bias, b, w, t)
+    if step:
+        out = _kernel_queries(query, key, value, bias)
+    else:
+        out = _attention(query, key, value, bias, dropout_rng if dropout else None,
+                         dropout_rate, dtype)
+    return out.reshape(bw, t, n, h)
+
+
+def _fold_rows(bias, b, w, t):
+    """A bias for queries [B*W, T] -> one for the same queries as [B, W*T] (W outer, T inner):
+    [B*W, N', T', S] is regrouped, [B, N', T', S] and [1, N', T', S] repeat over the W rows."""
+    rows, heads, tb, s = bias.shape
+    if rows == b * w:
+        bias = jnp.broadcast_to(bias, (rows, heads, t, s)).reshape(b, w, heads, t, s)
+        return bias.transpose(0, 2, 1, 3, 4).reshape(b, heads, w * t, s)
+    if rows not in (1, b):
+        raise ValueError(f"bias {bias.shape} fits neither {b * w} query rows nor {b} key rows")
+    return bias if tb == 1 else jnp.tile(bias, (1, 1, w, 1))
+
+
+def _kernel_queries(query, key, value, bias):
+    """dot_product_attention by the compiled kernel: query [B, T, N, H] (a decode step, or the W
+    beams of one step folded into T) -> [B, T, N, H]."""
+    b, t, n, h = query.shape
+    k, s = key.shape[1], key.shape[2]
+    g = n // k
+    # A kv head's queries side by side, as `_attention` lays them out: [B, K, G*T, H].
+    q = query.reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4).reshape(b, k, g * t, h)
+    bias = jnp.zeros((), jnp.float32) if bias is None else bias.astype(jnp.float32)
+    bias = jnp.broadcast_to(bias, (b, n, t, s)).reshape(b, k, g * t, s)  # [B, K, G*T, S]
+    out = _kernel_step(q, key, value, bias)  # [B, K, G*T, H]
+    return out.reshape(b, k, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 def _attention(query, key, value, bias, dropout_rng, dropout_rate, dtype):
@@ -158,11 +198,11 @@ class GroupedQueryAttention(nn.Module):
     """Attention with `num_heads` query heads and `num_kv_heads` key/value heads.
 
     Kernels, t5x names and joined layouts: query [D, N*H], key and value [D, K*H], out [N*H, D].
-    `cross=True` makes it encoder-decoder attention, whose decode cache is filled once from the
-    encoder output; with `recompute_cross_kv` it is re-projected at every step instead (the t5x
-    and flaxformer behaviour, kept for benchmarks). `kernels` is `TransformerConfig.kernels`:
-    which implementation runs the projections and a decode step's attention (see
-    `kernel_choice`).
+    `cross=True` makes it encoder-decoder attention, whose decode cache the first step fills
+    from the encoder output; with `recompute_cross_kv` keys/values are re-projected at every
+    step instead (the t5x and flaxformer behaviour, kept for benchmarks). `kernels` is
+    `TransformerConfig.kernels`: which implementation runs the projections and a decode step's
+    attention (see `kernel_choice`).
     """
 
     num_heads: int
@@ -192,12 +232,13 @@ class GroupedQueryAttention(nn.Module):
     def __call__(self, inputs_q, inputs_kv, bias=None, *, decode: bool = False,
                  cache_index=None, max_decode_length: int | None = None,
                  enable_dropout: bool = False):
-        """inputs_q [B, T, D], inputs_kv [B, S, D], bias broadcastable to [B, N, T, S].
+        """inputs_q [B, T, D], inputs_kv [B, S, D], bias 4-D, broadcastable to [B, N, T, S].
 
-        With decode=True the first call creates the cache (for self-attention, zeros of length
-        max_decode_length, or of the input's length T when it is None; for cross-attention, the
-        projected encoder output); later calls take one token (T == 1) at `cache_index` and read
-        keys/values from the cache.
+        With decode=True the first call creates the cache (zeros: for self-attention of length
+        max_decode_length, or of the input's length T when it is None; for cross-attention
+        [B', K, S, H] with B' the batch of inputs_kv, which may be B / W for W beams sharing
+        it); later calls take one token (T == 1) at `cache_index`; cross-attention projects
+        inputs_kv into its cache at cache_index 0 and reads the cache at every later step.
         """
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not divisible by "
@@ -211,7 +252,7 @@ class GroupedQueryAttention(nn.Module):
         if not decode:
             key, value = self._project_kv(inputs_kv)
         elif self.cross:
-            key, value = self._cross_cache(inputs_kv)
+            key, value = self._cross_cache(inputs_kv, cache_index)
         else:
             key, value = self._self_cache(inputs_kv, cache_index, max_decode_length)
 
@@ -224,14 +265,35 @@ class GroupedQueryAttention(nn.Module):
         out = out.reshape(b, t, self.num_heads * self.head_dim)  # [B, T, N*H]
         return self._dense(d, (layers.JOINED_KV, layers.EMBED), name="out")(out)
 
-    def _cross_cache(self, inputs_kv):
-        initialized = self.has_variable("cache", "cached_key")
-        if initialized and self.recompute_cross_kv:
+    def _cross_cache(self, inputs_kv, cache_index):
+        if not self.has_variable("cache", "cached_key"):  # creating the cache
+            key, value = self._project_kv(inputs_kv)  # [B, K, S, H]; this call's output is unused
+            self.put_variable("cache", "cached_key", jnp.zeros_like(key))
+            self.put_variable("cache", "cached_value", jnp.zeros_like(value))
+            return key, value
+        if self.recompute_cross_kv:
             return self._project_kv(inputs_kv)
-        if initialized:
-            return (self.get_variable("cache", "cached_key"),
-                    self.get_variable("cache", "cached_value"))
-        key, value = self._project_kv(inputs_kv)  # [B, K, S, H], once per input
+        cached_key = self.get_variable("cache", "cached_key")  # [B, K, S, H]
+        cached_value = self.get_variable("cache", "cached_value")
+        if cached_key.shape[0] != inputs_kv.shape[0] or cached_key.shape[2] != inputs_kv.shape[1]:
+            raise ValueError(
+                f"cross-attention cache {cached_key.shape} was created for {cached_key.shape[0]} "
+                f"inputs of length {cached_key.shape[2]}, but this step got encoder output "
+                f"{inputs_kv.shape}: create the cache with the encoder output the steps get")
+        if cache_index is None:
+            raise ValueError("a cross-attention decode step needs the decoder's cache_index")
+
+        def fill(module, encoded, cached_key, cached_value):
+            key, value = module._project_kv(encoded)  # [B, K, S, H], once per input
+            return key.astype(cached_key.dtype), value.astype(cached_value.dtype)
+
+        def keep(module, encoded, cached_key, cached_value):
+            return cached_key, cached_value
+
+        # A conditional, not a select: later steps neither project nor depend on XLA hoisting
+        # the projection out of the decode loop.
+        key, value = nn.cond(cache_index == 0, fill, keep, self, inputs_kv, cached_key,
+                             cached_value)
         self.put_variable("cache", "cached_key", key)
         self.put_variable("cache", "cached_value", value)
         return key, value

@@ -1,16 +1,19 @@
 """Autoregressive decoding over the cache: greedy, temperature / top-k sampling and beam search.
 
-The encoder runs once; the decode cache is created once (self-attention K/V zeros, cross-attention
-K/V projected from the encoder output); then the whole loop runs inside one jitted
-`lax.while_loop` whose cache buffers are donated, so every step writes its K/V in place with
-`dynamic_update_slice`. The loop stops when every sequence has ended, unless `force_steps` asks for
-exactly `max_decode_length` steps (for timing).
+The encoder runs once; the decode cache is created once (K/V zeros); then the whole loop runs
+inside one jitted `lax.while_loop` whose cache buffers are donated, so every step writes its K/V
+in place with `dynamic_update_slice`. The first step projects the encoder output into the
+cross-attention K/V, once per input, the same path t5x's own decoding drives. The loop stops when
+every sequence has ended, unless `force_steps` asks for exactly `max_decode_length` steps (for
+timing).
 
 Beam search follows t5x's `beam_search`: 2 x beams candidates per step, a live and a finished set
 per example, finished scores divided by the brevity penalty ((5 + length) / 6) ** alpha, where
 length counts the generated tokens including EOS, and the search stops once no live beam can
-beat the worst finished one. Beams of one example share their cross-attention cache, so only the
-self-attention caches are reordered between steps.
+beat the worst finished one. The W beams of one example share its cross-attention K/V: the
+cross cache is [B, K, S, H], one copy per example, which the beams' queries read as W*G
+queries per kv head; only the self-attention caches [B*W, K, L, H] are per beam and reordered
+between steps.
 
 Axis letters: B batch, S input length, L max_decode_length, D model width, V vocabulary,
 W beams.
@@ -50,12 +53,13 @@ def encode(module: Transformer, params, encoder_input_tokens):
                         method=Transformer.encode)
 
 
-@functools.partial(jax.jit, static_argnames=("module", "max_decode_length"))
+@functools.partial(jax.jit, static_argnames=("module", "max_decode_length", "num_beams"))
 def init_cache(module: Transformer, params, encoded, encoder_input_tokens, *,
-               max_decode_length: int):
-    """The decode cache for encoded [B, S, D]: self-attention K/V zeros [B, K, L, H],
-    cross-attention K/V [B, K, S, H] projected from `encoded`, cache_index 0."""
-    dummy = jnp.zeros((encoded.shape[0], 1), jnp.int32)
+               max_decode_length: int, num_beams: int = 1):
+    """The decode cache for encoded [B, S, D] and W = num_beams decoder rows per example:
+    self-attention K/V zeros [B*W, K, L, H], cross-attention K/V zeros [B, K, S, H] (the first
+    step fills them from `encoded`), cache_index 0."""
+    dummy = jnp.zeros((encoded.shape[0] * num_beams, 1), jnp.int32)
     _, variables = module.apply({"params": params}, encoded, encoder_input_tokens, dummy, dummy,
                                 decode=True, max_decode_length=max_decode_length,
                                 enable_dropout=False, mutable=["cache"],
@@ -65,10 +69,12 @@ def init_cache(module: Transformer, params, encoded, encoder_input_tokens, *,
 
 def decode_step(module: Transformer, params, cache, encoded, encoder_input_tokens, tokens, *,
                 max_decode_length: int):
-    """One step: tokens [B] at the cache's `cache_index` -> (logits [B, V] float32, new cache).
+    """One step: tokens [B*W] at the cache's `cache_index` -> (logits [B*W, V] float32, new
+    cache).
 
-    `encoded` [B, S, D] is read only with `recompute_cross_kv`; otherwise the cross-attention
-    keys/values come from the cache and XLA drops the unused input.
+    `encoded` [B, S, D] (W = 1) or [B / W, S, D] (beams sharing it) is projected into the
+    cross-attention cache at cache_index 0 and not read at later steps (unless
+    `recompute_cross_kv`).
     """
     tok = tokens[:, None]  # [B, 1]
     logits, variables = module.apply({"params": params, "cache": cache}, encoded,
@@ -160,6 +166,15 @@ def _is_self_cache(path) -> bool:
     return _CROSS_CACHE not in names and names[-1] != "cache_index"
 
 
+def _self_cache_rows(cache) -> int:
+    """The batch of the self-attention caches: decoder rows, B * W under beam search."""
+    rows = {x.shape[0] for p, x in jax.tree_util.tree_leaves_with_path(cache)
+            if _is_self_cache(p)}
+    if len(rows) != 1:
+        raise ValueError(f"decode cache: self-attention caches have batches {sorted(rows)}")
+    return rows.pop()
+
+
 def _gather_beams(x, idx):
     """x [B, W2, ...], idx [B, W] -> [B, W, ...]."""
     return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
@@ -174,17 +189,20 @@ def _gather_beams(x, idx):
 def beam_search(module: Transformer, params, cache, encoded, encoder_input_tokens, *,
                 max_decode_length: int, num_beams: int = 4, alpha: float = 0.6, eos_id: int = 1,
                 force_steps: bool = False, decoder_start_token: int = 0) -> LoopResult:
-    """t5x beam search from a fresh cache whose batch is B * W (each example repeated W times,
-    beams of one example adjacent); `encoded` [B*W, S, D], `encoder_input_tokens` [B*W, S].
+    """t5x beam search from a fresh cache of `init_cache(..., num_beams=W)`: B examples, beams
+    of one example adjacent. `encoded` [B, S, D] and `encoder_input_tokens` [B, S] hold each
+    example once (its beams share the cross-attention cache); each example repeated W times
+    ([B*W, ...], with a cache made from them) also works, with W copies of every cross cache.
 
     Returns tokens [B, W, L] and scores [B, W] sorted ascending (best beam last): finished
     sequences with length-penalized scores, or, for an example with none finished, the live ones
     with their raw log probabilities.
     """
-    bw = encoder_input_tokens.shape[0]
     w = num_beams
+    bw = _self_cache_rows(cache)
     if bw % w:
-        raise ValueError(f"beam_search: batch {bw} is not a multiple of num_beams={w}")
+        raise ValueError(f"beam_search: the cache's self-attention batch {bw} is not a multiple "
+                         f"of num_beams={w}: create it with init_cache(..., num_beams={w})")
     b = bw // w
     length = max_decode_length + 1  # position 0 holds the start token
     max_penalty = brevity_penalty(alpha, length)
@@ -287,11 +305,9 @@ def generate(module: Transformer, params, encoder_input_tokens, *, max_decode_le
     if method == "beam":
         if num_beams < 1:
             raise ValueError(f"generate: num_beams={num_beams} must be >= 1")
-        enc_tokens = jnp.repeat(encoder_input_tokens, num_beams, axis=0)  # [B*W, S]
-        encoded = jnp.repeat(encoded, num_beams, axis=0)  # [B*W, S, D]
-        cache = init_cache(module, params, encoded, enc_tokens,
-                           max_decode_length=max_decode_length)
-        result = beam_search(module, params, cache, encoded, enc_tokens,
+        cache = init_cache(module, params, encoded, encoder_input_tokens,
+                           max_decode_length=max_decode_length, num_beams=num_beams)
+        result = beam_search(module, params, cache, encoded, encoder_input_tokens,
                              max_decode_length=max_decode_length, num_beams=num_beams,
                              alpha=jnp.float32(alpha), eos_id=jnp.int32(eos_id),
                              force_steps=force_steps, decoder_start_token=decoder_start_token)

@@ -161,6 +161,8 @@ class Embed(nn.Module):
                                          axes=(VOCAB, EMBED))
 
     def __call__(self, tokens):
+        # t5x initializes models with float32 dummy token ids; a gather needs integers.
+        tokens = jnp.asarray(tokens).astype(jnp.int32)
         return jnp.asarray(jnp.take(self.embedding, tokens, axis=0), self.dtype)  # [B, T, D]
 
 

@@ -107,7 +107,8 @@ class DecoderLayer(nn.Module):
         h = _norm(cfg, "pre_cross_attention_layer_norm")(x)
         h = _attention(cfg, "cross", "encoder_decoder_attention", cross=True,
                        recompute_cross_kv=self.recompute_cross_kv)(
-            h, encoded, cross_bias, decode=decode, enable_dropout=enable_dropout)
+            h, encoded, cross_bias, decode=decode, cache_index=cache_index,
+            enable_dropout=enable_dropout)
         x = x + _dropout(cfg, h, enable_dropout)
         return _mlp_block(cfg, x, enable_dropout)
 
@@ -139,7 +140,8 @@ class Decoder(nn.Module):
     def __call__(self, encoded, tokens, self_mask, cross_bias, *, enable_dropout: bool = False,
                  decode: bool = False, max_decode_length=None):
         """tokens [B, T]; self_mask [B, 1, T, T] bool (unused in decode steps);
-        cross_bias [B, 1, T, S]. Returns logits [B, T, V] in float32."""
+        cross_bias [B, 1, T, S] (in decode, [B', 1, 1, S] with B' the batch of `encoded`).
+        Returns logits [B, T, V] in float32."""
         cfg = self.config
         t = tokens.shape[-1]
         relpos = _relpos(cfg, bidirectional=False)
@@ -179,6 +181,8 @@ class Transformer(nn.Module):
 
     `recompute_cross_kv=True` re-projects cross-attention keys/values at every decode step
     instead of reading them from the cache (for benchmarks only; results are identical).
+    Token ids may come in any numeric dtype (t5x initializes with float32 dummies); they are
+    cast to int32.
     """
 
     config: TransformerConfig
@@ -211,14 +215,18 @@ class Transformer(nn.Module):
         """Logits [B, T, V] for decoder_input_tokens [B, T] given encoded [B, S, D].
 
         decode=True (with mutable=['cache']): the first call creates the cache (self-attention
-        caches of length max_decode_length, cross-attention keys/values from `encoded`); each
-        later call takes one token per sequence, decoder_input_tokens [B, 1].
+        caches of length max_decode_length, zeroed cross-attention keys/values); each later
+        call takes one token per sequence, decoder_input_tokens [B, 1], and the one at
+        cache_index 0 fills the cross-attention caches from `encoded`. In decode, `encoded`
+        [B / W, S, D] and encoder_input_tokens [B / W, S] may hold each example once for W
+        adjacent decoder rows (beams), which then share its cross-attention keys/values.
         """
         del decoder_positions
         if decode:
             self_mask = None
-            cross_mask = make_attention_mask(jnp.ones_like(decoder_target_tokens),
-                                             encoder_input_tokens > 0)
+            # Every decode query is a real token: only the encoder's padding is masked, with
+            # the encoder's batch, which beams may share.
+            cross_mask = (encoder_input_tokens > 0)[:, None, None, :]  # [B', 1, 1, S]
         else:
             self_mask = make_decoder_mask(decoder_target_tokens, decoder_segment_ids)
             cross_mask = make_attention_mask(decoder_target_tokens > 0, encoder_input_tokens > 0)

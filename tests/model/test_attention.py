@@ -107,6 +107,41 @@ def test_dot_product_attention_matches_reference(num_heads, num_kv_heads, t, ker
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("t", [2, 1])
+@pytest.mark.parametrize("bias_rows", ["beams", "examples"])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (4, 2), (4, 1)])
+def test_shared_key_rows_equal_repeated_keys(num_heads, num_kv_heads, bias_rows, t, kernels):
+    """W adjacent query rows on one key/value row (beams sharing cross-attention K/V) give the
+    reference output with the key/value rows repeated W times; the bias may have either batch."""
+    r = _rng(num_kv_heads * 7 + t)
+    b, w, s, h = 2, 3, 5, 8
+    query = r.normal(size=(b * w, t, num_heads, h)).astype(np.float32)
+    key = r.normal(size=(b, num_kv_heads, s, h)).astype(np.float32)
+    value = r.normal(size=(b, num_kv_heads, s, h)).astype(np.float32)
+    rel = r.normal(size=(1, num_heads, t, s))
+    mask = np.ones((b, 1, 1, s), bool)
+    mask[1, ..., 2:] = False  # padded keys in the second example
+    bias = np.where(mask, 0.0, -1e10) + rel  # [B, N, T, S]
+    if bias_rows == "beams":  # a different bias for every query row
+        bias = np.repeat(bias, w, axis=0) + r.normal(size=(b * w, num_heads, t, s))
+    got = attention.dot_product_attention(jnp.asarray(query), jnp.asarray(key),
+                                          jnp.asarray(value), jnp.asarray(bias, jnp.float32),
+                                          kernels=kernels)
+    assert got.shape == (b * w, t, num_heads, h)
+    full_bias = np.broadcast_to(bias, (b, num_heads, t, s)) if bias_rows == "examples" else bias
+    if bias_rows == "examples":
+        full_bias = np.repeat(full_bias, w, axis=0)
+    ref = _reference_dpa(query, np.repeat(key, w, axis=0), np.repeat(value, w, axis=0),
+                         full_bias)
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_dot_product_attention_rejects_key_rows_that_do_not_divide_queries():
+    with pytest.raises(ValueError, match="do not fit query"):
+        attention.dot_product_attention(jnp.zeros((5, 1, 4, 8)), jnp.zeros((2, 2, 3, 8)),
+                                        jnp.zeros((2, 2, 3, 8)))
+
+
 def test_query_head_n_reads_kv_head_n_div_g():
     # With all-zero queries the weights are uniform, so head n returns the mean of its kv head's
     # values; make kv head j's values all equal to j + 1 and read the mapping off the output.
@@ -186,10 +221,38 @@ def test_module_cache_has_kv_heads(cross):
     expected = (b, k, s if cross else length, h)
     assert v["cache"]["cached_key"].shape == expected
     assert v["cache"]["cached_value"].shape == expected
-    if cross:  # filled once with the projected encoder output, head-major
-        kernel = np.asarray(params["key"]["kernel"])
-        ref = (np.asarray(x_kv) @ kernel).reshape(b, s, k, h).transpose(0, 2, 1, 3)
-        np.testing.assert_allclose(np.asarray(v["cache"]["cached_key"]), ref, rtol=1e-5,
-                                   atol=1e-6)
-    else:
-        assert not np.any(np.asarray(v["cache"]["cached_key"]))
+    assert not np.any(np.asarray(v["cache"]["cached_key"]))  # zeros until the first step
+
+
+def test_cross_cache_is_filled_at_step_zero_and_only_read_after():
+    """As t5x drives it: the cache is created from a dummy input, the step at cache_index 0 gets
+    the real encoder output and projects it (head-major, numpy reference), later steps get
+    zeros and must keep it."""
+    b, s, d, h, n, k = 2, 5, 16, 8, 4, 2
+    module = _module(n, k, h, cross=True)
+    x_kv = _rng().normal(size=(b, s, d)).astype(np.float32)
+    params = module.init(jax.random.PRNGKey(0), jnp.asarray(x_kv), jnp.asarray(x_kv))["params"]
+    x_q = jnp.ones((b, 1, d))
+    _, v = module.apply({"params": params}, x_q, jnp.ones((b, s, d)), decode=True,
+                        mutable=["cache"])
+    step = jax.jit(lambda cache, x, i: module.apply(
+        {"params": params, "cache": cache}, x_q, x, decode=True, cache_index=i,
+        mutable=["cache"]))
+    kernels = {name: np.asarray(params[name]["kernel"]) for name in ("key", "value")}
+    ref = {name: (x_kv @ kernels[name]).reshape(b, s, k, h).transpose(0, 2, 1, 3)
+           for name in kernels}
+    cache = v["cache"]
+    outs = []
+    for i, x in enumerate([x_kv, np.zeros_like(x_kv), np.zeros_like(x_kv)]):
+        out, v = step(cache, jnp.asarray(x), jnp.int32(i))
+        cache = v["cache"]
+        outs.append(np.asarray(out))
+        for name in ("key", "value"):
+            np.testing.assert_allclose(np.asarray(cache[f"cached_{name}"]), ref[name],
+                                       rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(outs[2], outs[0], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="encoder output"):
+        step(cache, jnp.zeros((b, s + 1, d)), jnp.int32(1))
+
+

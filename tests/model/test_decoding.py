@@ -172,6 +172,55 @@ def test_beam_with_one_beam_equals_greedy(model):
     np.testing.assert_allclose(np.asarray(bscore), np.asarray(gscore), rtol=1e-5)
 
 
+def _beam_result(module, params, enc, *, shared, num_beams, eos_id):
+    """beam_search with the cross-attention cache once per example (shared) or, as before
+    sharing, with every example repeated per beam and its own cross cache (copies)."""
+    encoded = decoding.encode(module, params, enc)
+    if shared:
+        cache = decoding.init_cache(module, params, encoded, enc, max_decode_length=L,
+                                    num_beams=num_beams)
+    else:
+        encoded, enc = jnp.repeat(encoded, num_beams, 0), jnp.repeat(enc, num_beams, 0)
+        cache = decoding.init_cache(module, params, encoded, enc, max_decode_length=L)
+    shapes = jax.tree_util.tree_map(lambda x: x.shape, cache)
+    result = decoding.beam_search(module, params, cache, encoded, enc, max_decode_length=L,
+                                  num_beams=num_beams, eos_id=eos_id)
+    return result, shapes
+
+
+def test_shared_cross_cache_beam_search_equals_per_beam_copies(model):
+    module, params, enc = model
+    free, _ = decoding.generate(module, params, enc, max_decode_length=L, eos_id=-1)
+    eos = int(np.asarray(free)[0, 1])  # a token the model likes: some beams end early
+    w = 4
+    shared, _ = _beam_result(module, params, enc, shared=True, num_beams=w, eos_id=eos)
+    copies, _ = _beam_result(module, params, enc, shared=False, num_beams=w, eos_id=eos)
+    tokens = np.asarray(shared.tokens)  # [B, W, L]
+    assert tokens.shape == (enc.shape[0], w, L)
+    np.testing.assert_array_equal(tokens, np.asarray(copies.tokens))
+    np.testing.assert_allclose(np.asarray(shared.scores), np.asarray(copies.scores), rtol=1e-5)
+    assert int(shared.steps) == int(copies.steps)
+    ended = [(row[:-1] == eos).any() for row in tokens.reshape(-1, L)]
+    assert any(ended)  # the comparison covers beams that ended before the last step
+
+
+def test_beam_cache_is_per_beam_for_self_and_per_example_for_cross(model):
+    module, params, enc = model
+    b, s = enc.shape
+    w, k, h = 3, CFG.num_kv_heads, CFG.head_dim
+    for shared, cross_rows in ((True, b), (False, b * w)):
+        result, shapes = _beam_result(module, params, enc, shared=shared, num_beams=w,
+                                      eos_id=-1)
+        for i in range(CFG.num_decoder_layers):
+            layer = shapes["decoder"][f"layers_{i}"]
+            for name in ("cached_key", "cached_value"):
+                assert layer["self_attention"][name] == (b * w, k, L, h)
+                assert layer["encoder_decoder_attention"][name] == (cross_rows, k, s, h)
+        assert shapes["decoder"]["cache_index"] == ()
+        # The search hands back a cache of the same layout.
+        assert jax.tree_util.tree_map(lambda x: x.shape, result.cache) == shapes
+
+
 @pytest.mark.slow
 def test_beam_search_matches_exhaustive_search(kernels):
     cfg = TransformerConfig(vocab_size=6, emb_dim=16, num_heads=2, num_kv_heads=1, head_dim=8,

@@ -125,6 +125,42 @@ def test_cached_decode_equals_full_forward(name, kernels):
         np.testing.assert_allclose(recomputed, steps, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["mha", "gqa", "mqa"])
+def test_t5x_style_decode_equals_full_forward(name):
+    """t5x's predict_batch: the cache is created by a call on all-ones inputs of the full target
+    length (no max_decode_length), the steps get the real encoder output at cache index 0 and,
+    here, zeros after it: the cross-attention caches must hold the real input's keys/values."""
+    config = CONFIGS[name]
+    params = _params(config)
+    forward, encode, step = _jitted(config)
+    length = DEC.shape[1]
+    _, v = jax.jit(functools.partial(Transformer(config).apply, decode=True,
+                                     enable_dropout=False, mutable=["cache"]))(
+        {"params": params}, jnp.ones_like(ENC), jnp.ones_like(DEC), jnp.ones_like(DEC))
+    cache = v["cache"]
+    encoded = encode({"params": params}, jnp.asarray(ENC))
+    out = []
+    for i in range(length):
+        tok = jnp.asarray(DEC[:, i:i + 1])
+        given = encoded if i == 0 else jnp.zeros_like(encoded)
+        logits, v = step({"params": params, "cache": cache}, given, jnp.asarray(ENC), tok, tok,
+                         max_decode_length=length)
+        cache = v["cache"]
+        out.append(np.asarray(logits[:, 0]))
+    full = _forward(config, params, ENC, DEC, TGT)
+    np.testing.assert_allclose(np.stack(out, axis=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_float_token_ids_give_the_int_logits():
+    """t5x initializes and evaluates with float32 dummy token ids; they are cast to int32."""
+    config = CONFIGS["gqa"]
+    params = _params(config)
+    want = _forward(config, params, ENC, DEC, TGT)
+    got = _forward(config, params, ENC.astype(np.float32), DEC.astype(np.float32),
+                   TGT.astype(np.float32))
+    np.testing.assert_array_equal(got, want)
+
+
 def test_cache_arrays_have_kv_heads():
     config = CONFIGS["gqa"]
     params = _params(config)
