@@ -191,6 +191,26 @@ def _kernel_step_bwd(residuals, g):
 _kernel_step.defvjp(_kernel_step_fwd, _kernel_step_bwd)
 
 
+def _project_into(cache, inputs_kv, kernel, dtype):
+    """cache [B, K, S, H] overwritten with inputs_kv [B, S, D] @ kernel [D, K*H], head-major.
+
+    Written head by head, in two halves of S, into the cache rather than built as one product
+    and transposed: XLA's CPU layout assignment otherwise gives the decode loop's cross cache
+    the layout of that product (or, at K == 1, of its reshape) and converts it back for the
+    attention at every step, a copy of the whole cross cache per step. Writes that each cover
+    part of the cache keep the cache's own layout (checked on the compiled loop's HLO).
+    """
+    k, h = cache.shape[1], cache.shape[3]
+    s = inputs_kv.shape[1]
+    x = jnp.asarray(inputs_kv, dtype)
+    kernel = jnp.asarray(kernel, dtype).reshape(-1, k, h)  # [D, K, H]
+    for j in range(k):
+        for lo, hi in ((0, s // 2), (s // 2, s)):
+            part = jnp.einsum("BSD,DH->BSH", x[:, lo:hi], kernel[:, j])  # [B, hi - lo, H]
+            cache = cache.at[:, j, lo:hi].set(part.astype(cache.dtype))
+    return cache
+
+
 # ---- the module ---------------------------------------------------------------------------------
 
 
@@ -284,8 +304,10 @@ class GroupedQueryAttention(nn.Module):
             raise ValueError("a cross-attention decode step needs the decoder's cache_index")
 
         def fill(module, encoded, cached_key, cached_value):
-            key, value = module._project_kv(encoded)  # [B, K, S, H], once per input
-            return key.astype(cached_key.dtype), value.astype(cached_value.dtype)
+            kernels = module.variables["params"]
+            return (_project_into(cached_key, encoded, kernels["key"]["kernel"], module.dtype),
+                    _project_into(cached_value, encoded, kernels["value"]["kernel"],
+                                  module.dtype))
 
         def keep(module, encoded, cached_key, cached_value):
             return cached_key, cached_value

@@ -264,3 +264,31 @@ def test_generate_rejects_bad_arguments(model):
         decoding.generate(module, params, enc, max_decode_length=L, method="sample", top_k=99)
     with pytest.raises(ValueError, match="encoder_input_tokens"):
         decoding.generate(module, params, enc[0], max_decode_length=L)
+
+
+@pytest.mark.parametrize("num_kv_heads", [2, 1])
+def test_decode_loop_keeps_the_cross_cache_in_place(num_kv_heads, kernels):
+    """Compiled loop: the cross-attention projection sits in one conditional per layer (run at
+    the first step only) and no step copies the cross cache (a layout conversion XLA inserts when
+    the projection's layout leaks into the loop)."""
+    import re
+
+    cfg = CFG.replace(num_kv_heads=num_kv_heads, kernels=kernels)
+    module = Transformer(cfg)
+    params = _params(module)
+    enc = jnp.ones((3, 11), jnp.int32)
+    encoded = decoding.encode(module, params, enc)
+    cross = f"f32[3,{num_kv_heads},11,{cfg.head_dim}]"
+    for beams in (1, 2):
+        cache = decoding.init_cache(module, params, encoded, enc, max_decode_length=L,
+                                    num_beams=beams)
+        if beams == 1:
+            lowered = decoding.decode_loop.lower(module, params, cache, encoded, enc,
+                                                 max_decode_length=L)
+        else:
+            lowered = decoding.beam_search.lower(module, params, cache, encoded, enc,
+                                                 max_decode_length=L, num_beams=beams)
+        hlo = lowered.compile().as_text().splitlines()
+        copies = [line for line in hlo if cross in line and re.search(r"= \S+ copy\(", line)]
+        assert not copies, copies[:2]
+        assert sum(" conditional(" in line for line in hlo) == cfg.num_decoder_layers

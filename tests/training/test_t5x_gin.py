@@ -66,9 +66,9 @@ def test_model_macro_is_a_t5x_model_around_our_transformer(t5x_gin):
     cfg = model.module.config
     assert (cfg.emb_dim, cfg.num_heads, cfg.num_kv_heads, cfg.num_decoder_layers) == (32, 4, 1, 2)
     assert cfg.vocab_size == 2176 and cfg.dropout_rate == 0.0
-    # t5x fills the decode cache from dummy inputs, so cross-attention keys/values must be
-    # recomputed from the encoder output passed at each step.
-    assert model.module.recompute_cross_kv
+    # t5x creates the decode cache from dummy inputs; the first step fills the cross-attention
+    # caches from the encoder output, so nothing needs recomputing.
+    assert not model.module.recompute_cross_kv
     assert isinstance(model.optimizer_def, adafactor.Adafactor)
     # The model's vocabulary is the task's (t5x.train verifies they are equal); compared by file
     # and sentinels so that the SentencePiece model is not trained here.
@@ -108,7 +108,7 @@ def test_uptrain_fragment_sets_t5x_restore_for_converted_checkpoints(t5x_gin):
     t5x_gin(os.path.join(GIN_DIR, "t5x", "uptrain.gin"),
             bindings=["INITIAL_CHECKPOINT_PATH='/ckpt/checkpoint_2'"])
     restore = gin.query_parameter("utils.CheckpointConfig.restore").scoped_configurable_fn()
-    assert restore.path == "/ckpt/params"  # overrides pretrain.gin's `path = []`
+    assert restore.path == "/ckpt/checkpoint_2"  # overrides pretrain.gin's `path = []`
     assert (restore.mode, restore.dtype, restore.strict, restore.fallback_to_scratch) == (
         "specific", "float32", False, True)
     # t5x refuses fallback_to_scratch without a state transformation; the assignment map drops
@@ -117,22 +117,44 @@ def test_uptrain_fragment_sets_t5x_restore_for_converted_checkpoints(t5x_gin):
     assert len(restore.state_transformation_fns) == 1
 
 
-def test_t5x_greedy_decoding_matches_a_numpy_greedy_loop():
-    """t5x's predict_batch (temperature 0 = greedy) against argmax over teacher-forced logits,
-    one token at a time, without any cache."""
+def _t5x_model(num_kv_heads, decode_fn):
     from gqa_t5x.model.config import get_config
 
     vocab = seqio.PassThroughVocabulary(64, eos_id=1)
-    module = network.Transformer(get_config("tiny", num_kv_heads=2), recompute_cross_kv=True)
-    model = t5x_models.EncoderDecoderModel(
-        module, vocab, vocab, optimizer_def=None,
-        decode_fn=functools.partial(decoding.temperature_sample, temperature=0.0))
-    b, s, length = 2, 7, 5
+    module = network.Transformer(get_config("tiny", num_kv_heads=num_kv_heads))
+    return t5x_models.EncoderDecoderModel(module, vocab, vocab, optimizer_def=None,
+                                          decode_fn=decode_fn)
+
+
+def _t5x_params(model, b, s, length, dtype=jnp.int32):
     shapes = {"encoder_input_tokens": (b, s), "decoder_input_tokens": (b, length)}
-    params = model.get_initial_variables(jax.random.PRNGKey(0), shapes,
-                                         {k: jnp.int32 for k in shapes})["params"]
+    return model.get_initial_variables(jax.random.PRNGKey(0), shapes,
+                                       {k: dtype for k in shapes})["params"]
+
+
+def _t5x_inputs(b, s):
     enc = np.random.RandomState(0).randint(2, 64, size=(b, s)).astype(np.int32)
     enc[0, 5:] = 0
+    return enc
+
+
+def test_t5x_initializes_with_float_dummy_tokens():
+    """t5x.eval sets the model up with float32 dummy token ids."""
+    model = _t5x_model(2, decoding.beam_search)
+    want = _t5x_params(model, 2, 7, 5)
+    got = _t5x_params(model, 2, 7, 5, dtype=jnp.float32)
+    assert jax.tree_util.tree_map(lambda x: x.shape, got) == jax.tree_util.tree_map(
+        lambda x: x.shape, want)
+
+
+def test_t5x_greedy_decoding_matches_a_numpy_greedy_loop():
+    """t5x's predict_batch (temperature 0 = greedy) against argmax over teacher-forced logits,
+    one token at a time, without any cache."""
+    model = _t5x_model(2, functools.partial(decoding.temperature_sample, temperature=0.0))
+    module = model.module
+    b, s, length = 2, 7, 5
+    params = _t5x_params(model, b, s, length)
+    enc = _t5x_inputs(b, s)
     got = np.asarray(model.predict_batch(
         params, {"encoder_input_tokens": enc,
                  "decoder_input_tokens": np.zeros((b, length), np.int32)}))
@@ -146,6 +168,25 @@ def test_t5x_greedy_decoding_matches_a_numpy_greedy_loop():
         want[:, t] = nxt
         done |= nxt == 1
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
+def test_t5x_beam_search_matches_our_beam_search(num_kv_heads):
+    """t5x's beam_search (4 beams; it tiles every cache array per beam, the cross-attention
+    caches included) gives the tokens of gqa_t5x's beam search, whose beams share them."""
+    from gqa_t5x.model import decoding as gqa_decoding
+
+    model = _t5x_model(num_kv_heads, decoding.beam_search)
+    b, s, length = 3, 7, 6
+    params = _t5x_params(model, b, s, length)
+    enc = _t5x_inputs(b, s)
+    got = np.asarray(model.predict_batch_with_aux(
+        params, {"encoder_input_tokens": enc,
+                 "decoder_input_tokens": np.zeros((b, length), np.int32)},
+        num_decodes=4)[0])
+    want, _ = gqa_decoding.generate(model.module, params, enc, max_decode_length=length,
+                                    method="beam", num_beams=4, eos_id=1)
+    np.testing.assert_array_equal(got, np.asarray(want))
 
 
 @pytest.mark.slow
