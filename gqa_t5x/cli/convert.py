@@ -3,7 +3,8 @@
     gqa-convert --input PATH --output PATH --num_kv_heads G
         [--method mean|first|random|aligned] [--grouping contiguous|similarity] [--seed N]
         [--grouped decoder_self,cross[,encoder_self]]
-        [--input_format auto|gqa_t5x|t5x|hf] [--model_preset NAME | --config_json FILE] [--force]
+        [--input_format auto|gqa_t5x|t5x|hf] [--model_preset NAME | --config_json FILE]
+        [--step N] [--force]
         [--evaluate_on TASK [--evaluate_methods mean,aligned,aligned/similarity,...]
          [--evaluate_batches N] [--evaluate_batch_size B] [--feature_lengths inputs=N,targets=M]]
 
@@ -49,6 +50,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     config.add_argument("--model_preset", choices=sorted(PRESETS),
                         help="source config for a t5x checkpoint (default: inferred from shapes)")
     config.add_argument("--config_json", help="source TransformerConfig JSON for a t5x checkpoint")
+    p.add_argument("--step", type=int, default=None,
+                   help="training step of the output (default: the source's; Hugging Face "
+                   "checkpoints record none: the public T5.1.1 ones are at 1000000)")
     p.add_argument("--force", action="store_true",
                    help="replace an existing --output that an earlier conversion wrote (never a "
                    "folder with other files, the current folder or one holding the input)")
@@ -80,7 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = convert_checkpoint(
             args.input, args.output, args.num_kv_heads, method=args.method, seed=args.seed,
             grouped=grouped, input_format=args.input_format, source_config=source_config,
-            force=args.force, grouping=args.grouping, progress=sys.stderr)
+            force=args.force, grouping=args.grouping, progress=sys.stderr, step=args.step)
+        for warning in summary.warnings:
+            print(f"gqa-convert: warning: {warning}", file=sys.stderr)
         print(summary.format())
         if evaluation is not None:
             quality, variants, lengths = evaluation

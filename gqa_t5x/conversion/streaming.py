@@ -7,7 +7,8 @@ the four kernels of one attention together, so memory holds about one layer's at
 "similarity" grouping a first pass reads the key and value kernels one at a time to choose the
 groups): the output gets
 `config.json`, `conversion.json` (this summary) and `checkpoint_<step>/`, a t5x legacy checkpoint
-at the source step that t5x restores as INITIAL_CHECKPOINT_PATH. The output is written to a
+at the source step (or `step`, for sources that record none: Hugging Face checkpoints) that t5x
+restores as INITIAL_CHECKPOINT_PATH and whose step t5x continues. The output is written to a
 hidden sibling folder and renamed at the end: a crash leaves nothing at the output path (see
 output.py for what `force` may replace, stale temporary folders and SIGINT/SIGTERM).
 """
@@ -74,6 +75,8 @@ class ConversionSummary:
     groups: dict[str, Groups] | None = None
     # newer checkpoints of a training run's MODEL_DIR that were not converted, and why
     skipped: list[str] = dataclasses.field(default_factory=list)
+    source_step: int | None = None  # the step the source records; None: it records none
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -97,7 +100,9 @@ class ConversionSummary:
             f"  cross-attention KV cache bytes per input token: {cross_before:,} -> "
             f"{cross_after:,}",
             f"  {self.num_arrays} arrays, largest {_size(self.largest_array_bytes)}; "
-            f"step {self.step}; {self.seconds:.1f} s",
+            f"step {self.step} (source records "
+            f"{'none' if self.source_step is None else self.source_step}); "
+            f"{self.seconds:.1f} s",
             f"  t5x checkpoint (INITIAL_CHECKPOINT_PATH): {step_dir(self.output, self.step)}",
         ]
         lines += [f"  skipped {s}" for s in self.skipped]
@@ -116,7 +121,8 @@ def convert_checkpoint(input_path: str, output_path: str, num_kv_heads: int,
                        grouped: Sequence[str] | None = None, input_format: str = "auto",
                        source_config: TransformerConfig | None = None,
                        force: bool = False, grouping: str = "contiguous",
-                       progress: TextIO | None = None) -> ConversionSummary:
+                       progress: TextIO | None = None,
+                       step: int | None = None) -> ConversionSummary:
     """Convert the checkpoint at `input_path` to `num_kv_heads` kv heads in the `grouped`
     attentions (default: those the source groups, decoder self and cross for MHA) and write our
     checkpoint format to `output_path`.
@@ -126,9 +132,15 @@ def convert_checkpoint(input_path: str, output_path: str, num_kv_heads: int,
     ("contiguous" or "similarity", the latter for method "aligned") chooses which heads share a
     kv head; conversion.json records the groups. `progress` (e.g. sys.stderr) gets a line with
     arrays and bytes done and an ETA every few seconds.
+
+    `step` is the output's training step (default: the source's). Hugging Face checkpoints
+    record none; without `step` they are written at step 0 with a warning in the summary, since
+    t5x would then restart the learning-rate schedule and count TRAIN_STEPS from 0.
     """
     start = time.perf_counter()
     check_method(method, grouping)
+    if step is not None and step < 0:
+        raise ValueError(f"--step {step} is negative; give the source's training step (>= 0)")
     output_path = os.path.abspath(output_path)
     check_output(input_path, output_path, force)
 
@@ -138,6 +150,14 @@ def convert_checkpoint(input_path: str, output_path: str, num_kv_heads: int,
     check_shapes(shapes, param_shapes(source), where=f"checkpoint {input_path}")
     target = with_kv_heads(source, num_kv_heads, grouped)
     check_conversion(source, target)
+    source_step = None if reader.format == "hf" else reader.step  # HF files hold no step
+    out_step = step if step is not None else (source_step or 0)
+    warnings = []
+    if source_step is None and step is None:
+        warnings.append(f"{input_path} ({reader.format}) records no training step, so the output "
+                        "is checkpoint_0 and t5x restarts the learning-rate schedule and "
+                        "TRAIN_STEPS at 0; pass --step N to continue the source's schedule "
+                        "(the public T5.1.1 checkpoints: --step 1000000)")
     groups = (_choose_groups(reader, source, target, grouping, progress)
               if method == "aligned" else None)
 
@@ -148,7 +168,7 @@ def convert_checkpoint(input_path: str, output_path: str, num_kv_heads: int,
     signals = StopSignals()
     with signals.active():
         try:
-            writer = CheckpointWriter(tmp, target, step=reader.step)
+            writer = CheckpointWriter(tmp, target, step=out_step)
             total = sum(4 * math.prod(shape) for shape in shapes.values())  # read as float32
             report = Progress("converting", len(shapes), "arrays", progress, total_bytes=total)
             done = done_bytes = 0
@@ -165,9 +185,10 @@ def convert_checkpoint(input_path: str, output_path: str, num_kv_heads: int,
             summary = ConversionSummary(
                 input=os.path.abspath(input_path), input_format=reader.format,
                 output=output_path, method=method, seed=seed, source_config=source,
-                target_config=target, step=reader.step, num_arrays=len(shapes),
+                target_config=target, step=out_step, num_arrays=len(shapes),
                 largest_array_bytes=largest, seconds=time.perf_counter() - start,
-                grouping=grouping, groups=groups, skipped=list(getattr(reader, "skipped", [])))
+                grouping=grouping, groups=groups, skipped=list(getattr(reader, "skipped", [])),
+                source_step=source_step, warnings=warnings)
             with open(os.path.join(tmp, CONVERSION_FILE), "w") as f:
                 json.dump(summary.to_dict(), f, indent=2)
             signals.check(tmp)

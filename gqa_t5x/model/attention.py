@@ -22,6 +22,11 @@ Shared keys/values: queries may have W times the batch of the keys/values ([B*W,
 against [B, K, S, H], rows b*W .. b*W+W-1 using key row b), as beam search's W beams of one
 example share its cross-attention keys/values. The W rows then become W*T queries of one row,
 so each kv head serves W*G queries and its keys/values are stored and read once per example.
+
+Keys, values and caches carry the logical axes of `kv_axes` (batch, kv heads, length, head_dim),
+so under a mesh they are sharded by whole kv heads or replicated, never split inside a head. A
+grouped attention's kv heads have their own names (`kv_heads`, `kv_joined`); one with as many kv
+heads as query heads uses the queries' (`heads`, `joined_kv`) and is sharded like them.
 """
 
 from __future__ import annotations
@@ -37,6 +42,16 @@ from gqa_t5x.model import kernel_choice, layers
 # every key masked (a padding query) is uniform, as in t5x; sums of it over a whole decode stay
 # far from float32's overflow.
 NEG_INF = -1e10
+
+
+def kv_axes(num_heads: int, num_kv_heads: int) -> tuple[tuple[str, str], tuple[str, ...]]:
+    """Logical axes of the key/value kernels [D, K*H] and of keys, values and caches
+    [B, K, S, H]."""
+    if num_kv_heads == num_heads:
+        return (layers.EMBED, layers.JOINED_KV), (layers.BATCH, layers.HEADS, layers.LENGTH,
+                                                  layers.HEAD_DIM)
+    return (layers.EMBED, layers.KV_JOINED), (layers.BATCH, layers.KV_HEADS, layers.LENGTH,
+                                              layers.HEAD_DIM)
 
 
 # ---- masks (pure) -------------------------------------------------------------------------------
@@ -241,12 +256,13 @@ class GroupedQueryAttention(nn.Module):
         """[B, S, D] -> key, value [B, K, S, H], with the `key` and `value` kernels."""
         b, s, _ = inputs_kv.shape
         k, h = self.num_kv_heads, self.head_dim
-        kv_axes = (layers.EMBED, layers.KV_JOINED)
-        key = self._dense(k * h, kv_axes, name="key")(inputs_kv)
-        value = self._dense(k * h, kv_axes, name="value")(inputs_kv)
+        kernel_axes, axes = kv_axes(self.num_heads, k)
+        key = self._dense(k * h, kernel_axes, name="key")(inputs_kv)
+        value = self._dense(k * h, kernel_axes, name="value")(inputs_kv)
         key = key.reshape(b, s, k, h).transpose(0, 2, 1, 3)  # [B, K, S, H]
         value = value.reshape(b, s, k, h).transpose(0, 2, 1, 3)  # [B, K, S, H]
-        return key, value
+        return (layers.with_sharding_constraint(key, axes),
+                layers.with_sharding_constraint(value, axes))
 
     @nn.compact
     def __call__(self, inputs_q, inputs_kv, bias=None, *, decode: bool = False,
@@ -288,8 +304,11 @@ class GroupedQueryAttention(nn.Module):
     def _cross_cache(self, inputs_kv, cache_index):
         if not self.has_variable("cache", "cached_key"):  # creating the cache
             key, value = self._project_kv(inputs_kv)  # [B, K, S, H]; this call's output is unused
-            self.put_variable("cache", "cached_key", jnp.zeros_like(key))
-            self.put_variable("cache", "cached_value", jnp.zeros_like(value))
+            axes = kv_axes(self.num_heads, self.num_kv_heads)[1]
+            self.put_variable("cache", "cached_key",
+                              layers.with_sharding_constraint(jnp.zeros_like(key), axes))
+            self.put_variable("cache", "cached_value",
+                              layers.with_sharding_constraint(jnp.zeros_like(value), axes))
             return key, value
         if self.recompute_cross_kv:
             return self._project_kv(inputs_kv)
@@ -316,6 +335,9 @@ class GroupedQueryAttention(nn.Module):
         # the projection out of the decode loop.
         key, value = nn.cond(cache_index == 0, fill, keep, self, inputs_kv, cached_key,
                              cached_value)
+        axes = kv_axes(self.num_heads, self.num_kv_heads)[1]
+        key = layers.with_sharding_constraint(key, axes)
+        value = layers.with_sharding_constraint(value, axes)
         self.put_variable("cache", "cached_key", key)
         self.put_variable("cache", "cached_value", value)
         return key, value
@@ -329,8 +351,10 @@ class GroupedQueryAttention(nn.Module):
             # the cache from full-length dummy targets.
             length = t if max_decode_length is None else max_decode_length
             shape = (b, self.num_kv_heads, length, self.head_dim)
-            self.put_variable("cache", "cached_key", jnp.zeros(shape, key.dtype))
-            self.put_variable("cache", "cached_value", jnp.zeros(shape, value.dtype))
+            zeros = layers.with_sharding_constraint(jnp.zeros(shape, key.dtype),
+                                                    kv_axes(self.num_heads, self.num_kv_heads)[1])
+            self.put_variable("cache", "cached_key", zeros)
+            self.put_variable("cache", "cached_value", zeros)
             return key, value  # the creating call's output is not used
         if t != 1:
             raise ValueError(f"a decode step takes one token per sequence, got length {t}")
@@ -341,6 +365,9 @@ class GroupedQueryAttention(nn.Module):
         cached_value = jax.lax.dynamic_update_slice(cached_value,
                                                     value.astype(cached_value.dtype),
                                                     (0, 0, cache_index, 0))
+        axes = kv_axes(self.num_heads, self.num_kv_heads)[1]
+        cached_key = layers.with_sharding_constraint(cached_key, axes)
+        cached_value = layers.with_sharding_constraint(cached_value, axes)
         self.put_variable("cache", "cached_key", cached_key)
         self.put_variable("cache", "cached_value", cached_value)
         return cached_key, cached_value  # [B, K, L, H]

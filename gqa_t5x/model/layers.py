@@ -25,14 +25,17 @@ from gqa_t5x.model import kernel_choice
 param_with_axes = nn_partitioning.param_with_axes
 with_sharding_constraint = nn_partitioning.with_sharding_constraint
 
-# Logical axis names. `kv_joined` is distinct from `joined_kv` so that key/value projections
-# with fewer heads than the queries can be sharded (or replicated) on their own.
+# Logical axis names. `kv_joined` and `kv_heads` are distinct from `joined_kv` and `heads` so that
+# key/value projections and caches with fewer heads than the queries can be sharded (or
+# replicated) on their own.
 EMBED = "embed"
 MLP = "mlp"
 VOCAB = "vocab"
 JOINED_KV = "joined_kv"
 KV_JOINED = "kv_joined"
 HEADS = "heads"
+KV_HEADS = "kv_heads"
+HEAD_DIM = "head_dim"
 RELPOS_BUCKETS = "relpos_buckets"
 BATCH = "batch"
 LENGTH = "length"

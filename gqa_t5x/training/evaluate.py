@@ -270,7 +270,8 @@ def load_model(checkpoint_path: str, mesh, model: models.EncoderDecoderModel | N
             for p, x in jax.tree_util.tree_flatten_with_path(abstract["params"])[0]}
     shapes.check_shapes(shapes.tree_shapes(params), want, f"checkpoint {checkpoint_path}")
     shardings = partitioning.state_shardings(abstract["params"], abstract["params"],
-                                             abstract["params_axes"], mesh)
+                                             abstract["params_axes"], mesh,
+                                             partitioning.rules_for(model.config, mesh))
     return model, jax.device_put(params, shardings), step
 
 

@@ -2,26 +2,34 @@
 
 The mesh has two axes, `data` (batch) and `model` (heads, MLP width, vocabulary). Every parameter
 carries logical axis names (`layers.py`); `LOGICAL_AXIS_RULES` maps them to mesh axes, in this one
-place. A parameter dimension that the mesh axis does not divide is replicated instead (e.g. an
-MQA key kernel [D, 64] shards over model=8 but is replicated over model=3), so any head count runs
-on any mesh. Optimizer state that has its parameter's shape is sharded like it; Adafactor's
+place, and `rules_for` adapts them to a model: query heads and kv heads are sharded whole over
+`model` when their count is divisible by it and replicated otherwise (an MQA or GQA-2 key kernel
+[D, K*H] on model=8 is replicated, the usual practice for MQA under tensor parallelism, instead of
+splitting a head over devices and resharding keys, values and cache at every layer). Any other
+dimension that the mesh axis does not divide is replicated too, so any head count runs on any
+mesh. Optimizer state that has its parameter's shape is sharded like it; Adafactor's
 factored row/column statistics are vectors and are replicated.
 
 `state_shardings` turns the abstract params (or a train state holding them) into NamedShardings;
 initializers jit with them as `out_shardings`, so each device computes only its shard.
 
-Multi-host: `initialize_distributed` calls `jax.distributed.initialize`; each process reads its
-own share of the data (`data_shard_info`) and `host_batch_to_global` assembles the global batch.
+Multi-host: `initialize_distributed` calls `jax.distributed.initialize`. Data is fed per model
+replica, not per process (t5x's `DataLayout`): `data_layout` finds the rows of the global batch
+that this process's devices hold (their index on the `data` axis), so processes that hold the same
+replica (model parallelism wider than a host) read the same data shard, and `host_batch_to_global`
+places this process's rows.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
 from flax.linen import partitioning as nn_partitioning
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -38,22 +46,25 @@ LOGICAL_AXIS_RULES: Rules = (
     ("heads", MODEL),
     ("joined_kv", MODEL),
     ("kv_joined", MODEL),
+    ("kv_heads", MODEL),
+    ("head_dim", None),
     ("relpos_buckets", None),
     ("length", None),
 )
 
-
 def create_mesh(model_parallel: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A (data, model) mesh over `devices` (default: all devices of all processes).
 
-    `model_parallel` devices per model replica; the rest of the devices form the data axis.
+    `model_parallel` devices per model replica; the rest of the devices form the data axis. The
+    grid comes from `mesh_utils.create_device_mesh`, which on TPU places each model replica on
+    physically adjacent chips (on CPU and GPU it keeps the device order).
     """
     devices = list(jax.devices() if devices is None else devices)
     if model_parallel < 1 or len(devices) % model_parallel:
         raise ValueError(f"model_parallel={model_parallel} does not divide the "
                          f"{len(devices)} devices; choose a divisor of {len(devices)}")
-    grid = np.asarray(devices, dtype=object).reshape(len(devices) // model_parallel,
-                                                     model_parallel)
+    shape = (len(devices) // model_parallel, model_parallel)
+    grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
     return Mesh(grid, (DATA, MODEL))
 
 
@@ -144,29 +155,87 @@ def activation_rules(mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES):
         yield
 
 
-def activation_rules_for(config, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> Rules:
-    """`rules` with `heads` and `mlp` unsharded when the model axis does not divide them, so that
-    activation constraints never ask for uneven shards."""
+def rules_for(config, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> Rules:
+    """`rules` for `config` on `mesh`: the head axes (and `mlp`) are unsharded when the model axis
+    does not divide the number of heads (of MLP units), so that parameters, activations and
+    caches are split by whole heads or not at all. The kv axes are those of the grouped
+    attentions (num_kv_heads); the others have num_heads kv heads and use the query axes
+    (`attention.kv_axes`)."""
     model = mesh.shape[MODEL]
-    sizes = {"heads": config.num_heads, "mlp": config.mlp_dim}
-    return tuple((name, None if name in sizes and sizes[name] % model else axis)
+    counts = {"heads": config.num_heads, "joined_kv": config.num_heads,
+              "kv_heads": config.num_kv_heads, "kv_joined": config.num_kv_heads,
+              "mlp": config.mlp_dim}
+    return tuple((name, None if name in counts and counts[name] % model else axis)
                  for name, axis in rules)
 
 
 # ---- batches ------------------------------------------------------------------------------------
 
 
-def check_batch_size(batch_size: int, mesh: Mesh) -> int:
-    """The per-process batch size; errors if the data axis or process count does not divide."""
+def check_batch_size(batch_size: int, mesh: Mesh) -> None:
+    """Errors unless the mesh's data axis divides `batch_size`."""
     data = mesh.shape[DATA]
     if batch_size % data:
         raise ValueError(f"batch_size={batch_size} is not divisible by the mesh's data axis "
                          f"({data} = {mesh.devices.size} devices / model_parallel "
                          f"{mesh.shape[MODEL]}); choose a multiple of {data}")
-    if batch_size % jax.process_count():
-        raise ValueError(f"batch_size={batch_size} is not divisible by the "
-                         f"{jax.process_count()} processes")
-    return batch_size // jax.process_count()
+
+
+@dataclasses.dataclass(frozen=True)
+class DataLayout:
+    """Which rows of the global batch one process feeds: rows
+    [shard_id * per_host_batch_size, (shard_id + 1) * per_host_batch_size), read from data shard
+    `shard_id` of `num_shards`. Processes holding the same model replicas share a shard."""
+
+    batch_size: int  # global
+    shard_id: int
+    num_shards: int
+
+    @property
+    def per_host_batch_size(self) -> int:
+        return self.batch_size // self.num_shards
+
+    @property
+    def first_row(self) -> int:
+        return self.shard_id * self.per_host_batch_size
+
+    def shard_info(self):
+        """seqio.ShardInfo for this process's data, None when there is one shard."""
+        if self.num_shards == 1:
+            return None
+        import seqio  # noqa: PLC0415 - keep the mesh code importable without seqio
+
+        return seqio.ShardInfo(index=self.shard_id, num_shards=self.num_shards)
+
+
+def data_layout(mesh: Mesh, batch_size: int, process_index: int | None = None) -> DataLayout:
+    """The DataLayout of `process_index` (default: this process) from the mesh.
+
+    A process's devices sit at some indices of the `data` axis; processes whose devices sit at
+    the same indices hold the same model replicas and must feed the same rows. The distinct index
+    sets, in order, are the shards; they must be contiguous, disjoint and of one size.
+    """
+    check_batch_size(batch_size, mesh)
+    process_index = jax.process_index() if process_index is None else process_index
+    grid = mesh.devices  # [data, model]
+    rows_of: dict[int, set[int]] = {}
+    for (row, _), device in np.ndenumerate(grid):
+        rows_of.setdefault(device.process_index, set()).add(row)
+    if process_index not in rows_of:
+        raise ValueError(f"process {process_index} holds no device of the mesh")
+    groups = sorted({tuple(sorted(r)) for r in rows_of.values()})
+    for rows in groups:
+        if rows != tuple(range(rows[0], rows[0] + len(rows))) or len(rows) != len(groups[0]):
+            raise ValueError(f"the processes' devices cover data-axis rows {groups}: each process "
+                             "must hold whole model replicas in one contiguous block of rows of "
+                             "one size, or whole replicas shared with other processes; choose "
+                             "model_parallel to divide or be a multiple of the devices per host")
+    if len({r for rows in groups for r in rows}) != sum(len(rows) for rows in groups):
+        raise ValueError(f"the processes' devices cover overlapping data-axis rows {groups}; "
+                         "choose model_parallel to divide or be a multiple of the devices per "
+                         "host")
+    shard_id = groups.index(tuple(sorted(rows_of[process_index])))
+    return DataLayout(batch_size=batch_size, shard_id=shard_id, num_shards=len(groups))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -174,11 +243,26 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA))
 
 
-def host_batch_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """This process's rows of the global batch -> global arrays split over `data`."""
+def host_batch_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh,
+                         layout: DataLayout) -> dict[str, jax.Array]:
+    """This process's rows of the global batch (`layout`) -> global arrays split over `data`."""
     sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-            for k, v in batch.items()}
+    lo, n = layout.first_row, layout.per_host_batch_size
+    out = {}
+    for k, v in batch.items():
+        v = np.asarray(v)
+        if v.shape[0] != n:
+            raise ValueError(f"batch feature {k!r} has {v.shape[0]} rows; this process feeds "
+                             f"{n} (global batch {layout.batch_size} / {layout.num_shards} "
+                             "data shards)")
+
+        def rows(idx, v=v):
+            start = idx[0].start or 0
+            stop = layout.batch_size if idx[0].stop is None else idx[0].stop
+            return v[(slice(start - lo, stop - lo),) + tuple(idx[1:])]
+
+        out[k] = jax.make_array_from_callback((layout.batch_size,) + v.shape[1:], sharding, rows)
+    return out
 
 
 def full_batch_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
@@ -206,10 +290,3 @@ def initialize_distributed(coordinator_address: str | None = None,
         return
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id)
-
-
-def data_shard_info():
-    """seqio.ShardInfo of this process (index, number of processes)."""
-    import seqio  # noqa: PLC0415 - keep the mesh code importable without seqio
-
-    return seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count())

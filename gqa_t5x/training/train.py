@@ -2,7 +2,8 @@
 `gqa-train`, configured with gin (see gin/runs/).
 
 The run, top to bottom:
-1. mesh (`data` x `model`) and model; the batch size must divide over `data`;
+1. mesh (`data` x `model`) and model; the batch size must divide over `data`; each process
+   feeds the rows of the model replicas its devices hold (`partitioning.data_layout`);
 2. state: resume from the newest complete checkpoint in `model_dir` if there is one; else start
    from `initial_checkpoint_path` (a converted or earlier checkpoint: params only, fresh Adafactor
    state; the step continues from the checkpoint's, or restarts at 0 with
@@ -389,7 +390,7 @@ def train(
 
     # -- mesh, run log, checkpoint manager
     mesh = partitioning.create_mesh(model_parallel)
-    host_batch = partitioning.check_batch_size(batch_size, mesh)
+    layout = partitioning.data_layout(mesh, batch_size)
     log = run_log.RunLog(model_dir, stream)
     manager = train_state.checkpoint_manager(
         model_dir, keep=keep_checkpoints,
@@ -419,11 +420,10 @@ def train(
     _write_run_files(model_dir, config, step, log)
 
     # -- data, step function, evaluator
-    batches = train_dataset(mixture_or_task_name, lengths, host_batch,
+    batches = train_dataset(mixture_or_task_name, lengths, layout.per_host_batch_size,
                             shuffle_seed=shuffle_seed, pack=pack,
-                            skip_examples=run_info["examples_seen"] // jax.process_count(),
-                            shard_info=partitioning.data_shard_info()
-                            if jax.process_count() > 1 else None, use_cached=use_cached)
+                            skip_examples=run_info["examples_seen"] // layout.num_shards,
+                            shard_info=layout.shard_info(), use_cached=use_cached)
     step_fn = jit_train_step(model, tx, schedule, jax.random.PRNGKey(seed + 1), shardings, mesh)
     evaluator = None
     if eval_settings is not None and eval_settings.every_steps:
@@ -437,10 +437,10 @@ def train(
     eval_metrics: dict[str, float] = {}
     last_saved = manager.latest_step()
     clock = _Throughput(step)
-    act_rules = partitioning.activation_rules_for(config, mesh)
+    act_rules = partitioning.rules_for(config, mesh)
     try:
         while step < train_steps:
-            batch = partitioning.host_batch_to_global(next(batches), mesh)
+            batch = partitioning.host_batch_to_global(next(batches), mesh, layout)
             with partitioning.activation_rules(mesh, act_rules):
                 state, metrics = step_fn(state, batch)
             step += 1

@@ -55,7 +55,8 @@ def abstract_train_state(model, tx, mesh, input_shapes: Mapping[str, tuple[int, 
     allocated. The first is the restore target orbax needs."""
     abstract, params_axes = jax.eval_shape(_init_fn(model, tx, input_shapes),
                                            jax.random.PRNGKey(seed))
-    shardings = partitioning.state_shardings(abstract, abstract.params, params_axes, mesh)
+    shardings = partitioning.state_shardings(abstract, abstract.params, params_axes, mesh,
+                                             partitioning.rules_for(model.config, mesh))
     return abstract_with_shardings(shardings, abstract), shardings
 
 

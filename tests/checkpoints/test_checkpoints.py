@@ -219,6 +219,31 @@ def test_hf_roundtrip(tmp_path, fmt):
     np.testing.assert_allclose(logits(loaded, config), logits(expected, target), atol=1e-6)
 
 
+def test_cli_step_for_a_source_without_one(tmp_path, capsys):
+    # A Hugging Face folder records no step: without --step a warning and checkpoint_0; with
+    # --step the output is at that step (t5x reads it from the folder name), recorded in
+    # conversion.json and the summary.
+    src = tmp_path / "hf"
+    write_hf(str(src), CONFIG, "safetensors")
+    argv = ["--input", str(src), "--num_kv_heads", "2"]
+    assert convert_cli.main(argv + ["--output", str(tmp_path / "zero")]) == 0
+    out, err = capsys.readouterr()
+    assert "gqa-convert: warning:" in err and "records no training step" in err
+    assert "--step 1000000" in err
+    assert "step 0 (source records none)" in out
+    assert (tmp_path / "zero" / "checkpoint_0" / "checkpoint").is_file()
+
+    assert convert_cli.main(argv + ["--output", str(tmp_path / "out"), "--step", "1000000"]) == 0
+    out, err = capsys.readouterr()
+    assert "warning" not in err
+    assert "step 1000000 (source records none)" in out
+    assert f"INITIAL_CHECKPOINT_PATH): {tmp_path / 'out' / 'checkpoint_1000000'}\n" in out
+    assert (tmp_path / "out" / "checkpoint_1000000" / "checkpoint").is_file()
+    record = json.loads((tmp_path / "out" / "conversion.json").read_text())
+    assert (record["step"], record["source_step"], record["warnings"]) == (1000000, None, [])
+    assert open_checkpoint(str(tmp_path / "out")).step == 1000000
+
+
 def test_hf_reader_tied_and_bfloat16(tmp_path, params):
     import torch
     from safetensors.torch import save_file

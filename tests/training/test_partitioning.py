@@ -35,14 +35,25 @@ def test_rules_map_logical_axes():
 
 
 def test_indivisible_dimension_falls_back_to_replication():
-    # MQA key kernel [D, 1 * 64]: 64 shards over model=8 but not over model=3.
-    assert partitioning.mesh_axes(("embed", "kv_joined"), (512, 64), _fake_mesh(1, 8)) == \
-        P(None, "model")
-    assert partitioning.mesh_axes(("embed", "kv_joined"), (512, 64), _fake_mesh(1, 3)) == \
+    # An MLP of 1000 units does not divide over model=3: replicated.
+    assert partitioning.mesh_axes(("embed", "mlp"), (512, 1000), _fake_mesh(1, 3)) == \
         P(None, None)
     # T5.1.1-small's 6 heads do not divide over 8: relpos bias replicated.
     assert partitioning.mesh_axes(("heads", "relpos_buckets"), (6, 32), _fake_mesh(1, 8)) == \
         P(None, None)
+
+
+def test_heads_are_sharded_whole_or_replicated():
+    # A key kernel [D, K*H] = [512, 2 * 64]: 128 columns divide over model=8, but 2 kv heads do
+    # not, so the kernel is replicated rather than split inside a head.
+    rules = partitioning.rules_for(get_config("t5_1_1_small", num_kv_heads=2), _fake_mesh(1, 8))
+    assert partitioning.mesh_axes(("embed", "kv_joined"), (512, 128), _fake_mesh(1, 8), rules) \
+        == P(None, None)
+    rules = partitioning.rules_for(get_config("t5_1_1_base", num_kv_heads=4), _fake_mesh(1, 4))
+    assert partitioning.mesh_axes(("embed", "kv_joined"), (768, 256), _fake_mesh(1, 4), rules) \
+        == P(None, "model")
+    assert partitioning.mesh_axes(("batch", "kv_heads", "length", "head_dim"), (8, 4, 16, 64),
+                                  _fake_mesh(2, 4), rules) == P("data", "model", None, None)
 
 
 def test_a_mesh_axis_is_used_once_per_array():
@@ -52,15 +63,19 @@ def test_a_mesh_axis_is_used_once_per_array():
 
 
 def test_param_specs_of_an_mqa_small_model_on_model_8():
-    model = models.build_model(get_config("t5_1_1_small", num_kv_heads=1))
+    config = get_config("t5_1_1_small", num_kv_heads=1)
+    model = models.build_model(config)
     abstract = jax.eval_shape(lambda: model.get_initial_variables(
         jax.random.PRNGKey(0), {"encoder_input_tokens": (1, 4), "decoder_input_tokens": (1, 4)}))
-    specs = partitioning.param_specs(abstract["params"], abstract["params_axes"],
-                                     _fake_mesh(1, 8))
+    mesh = _fake_mesh(1, 8)
+    specs = partitioning.param_specs(abstract["params"], abstract["params_axes"], mesh,
+                                     partitioning.rules_for(config, mesh))
     dec = ("decoder", "layers_0")
-    assert specs[dec + ("self_attention", "key", "kernel")] == P(None, "model")  # [512, 64]
-    assert specs[dec + ("self_attention", "query", "kernel")] == P(None, "model")  # [512, 384]
-    assert specs[("encoder", "layers_0", "attention", "key", "kernel")] == P(None, "model")
+    assert specs[dec + ("self_attention", "key", "kernel")] == P(None, None)  # [512, 64], K=1
+    # 6 query heads [512, 6 * 64] do not divide over 8 either: replicated, not split in heads.
+    assert specs[dec + ("self_attention", "query", "kernel")] == P(None, None)
+    assert specs[dec + ("mlp", "wi_0", "kernel")] == P(None, "model")  # [512, 1024]
+    assert specs[("encoder", "layers_0", "attention", "key", "kernel")] == P(None, None)
     assert specs[("decoder", "relpos_bias", "rel_embedding")] == P(None, None)  # 6 heads
     assert specs[("token_embedder", "embedding")] == P("model", None)
     assert specs[("decoder", "decoder_norm", "scale")] == P(None)
@@ -118,12 +133,13 @@ from gqa_t5x.model.config import get_config
 assert jax.device_count() == 8, jax.devices()
 config = get_config("tiny", vocab_size=toy_tasks.VOCAB_SIZE, num_kv_heads=2, dropout_rate=0.1)
 model = models.build_model(config)
-mesh = partitioning.create_mesh(4)
-state, _ = train_state.create_train_state(
-    model, optim.adafactor(), mesh, {{"encoder_input_tokens": (1, 10),
-                                     "decoder_input_tokens": (1, 10)}}, 0)
-kernel = state.params["decoder"]["layers_0"]["self_attention"]["key"]["kernel"]
-print("KEY_SHARD", kernel.sharding.spec, kernel.addressable_shards[0].data.shape)
+for mp in (2, 4):
+    mesh = partitioning.create_mesh(mp)
+    state, _ = train_state.create_train_state(
+        model, optim.adafactor(), mesh, {{"encoder_input_tokens": (1, 10),
+                                         "decoder_input_tokens": (1, 10)}}, 0)
+    kernel = state.params["decoder"]["layers_0"]["self_attention"]["key"]["kernel"]
+    print("KEY_SHARD", mp, kernel.sharding.spec, kernel.addressable_shards[0].data.shape)
 for mp in (2, 4):
     train.train(sys.argv[1] + f"/mp{{mp}}", mixture_or_task_name=toy_tasks.NAME,
                 task_feature_lengths=toy_tasks.LENGTHS, batch_size=8, train_steps=8,
@@ -144,8 +160,9 @@ def test_eight_devices_equal_one_device(tmp_path):
     proc = subprocess.run([sys.executable, "-c", _SCRIPT.format(tests=TESTS), str(tmp_path)],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # [32, 2 * 16] key kernel over model=4: 8 columns per device.
-    assert "KEY_SHARD P(None, 'model') (32, 8)" in proc.stdout
+    # [32, 2 * 16] key kernel: one kv head per device over model=2, replicated over model=4.
+    assert "KEY_SHARD 2 P(None, 'model') (32, 16)" in proc.stdout, proc.stdout
+    assert "KEY_SHARD 4 P(None, None) (32, 32)" in proc.stdout, proc.stdout
     assert "BATCH_ERROR batch_size=6 is not divisible by the mesh's data axis (8 = 8 devices " \
            "/ model_parallel 1); choose a multiple of 8" in proc.stdout
     config = get_config("tiny", vocab_size=toy_tasks.VOCAB_SIZE, num_kv_heads=2,
