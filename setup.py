@@ -63,6 +63,7 @@ setuptools.setup(
             "gqa-eval=gqa_t5x.cli.run:eval_main",
             "gqa-infer=gqa_t5x.cli.run:infer_main",
             "gqa-reproduce=gqa_t5x.cli.reproduce:main",
+            "gqa-plan=gqa_t5x.cli.plan:main",
         ],
     },
 )
