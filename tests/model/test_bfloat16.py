@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import numpy_t5
-import pytest
 
 from gqa_t5x.model import decoding
 from gqa_t5x.model.config import get_config
@@ -112,7 +111,6 @@ def _numpy_greedy(params, config, length):
     return out, gap
 
 
-@pytest.mark.slow
 def test_bfloat16_greedy_agrees_on_a_sharpened_model():
     params = _params(sharpen=8.0)
     want, gap = _numpy_greedy(params, F32, 6)
