@@ -226,7 +226,7 @@ def memory_plan(preset: str, *, num_kv_heads: int | None = None, input_length: i
         if "decode" in stages:
             say(f"compiling the decode step of {preset}")
             step, args = _decode_step(net, state.params, shardings.params, mesh, rules, b, s, t)
-            analytic = dict(base, batch=per_device_bytes(args[3:]),
+            analytic = dict(base, batch=per_device_bytes(args[2:]),  # encoded, tokens
                             cache=per_device_bytes(args[1]))
             out.append(_stage("decode", step, args, analytic, compile))
     return MemoryPlan(preset=preset, num_kv_heads=config.num_kv_heads, input_length=s,

@@ -24,10 +24,12 @@ BATCH = 2 * 16 * 4 + 3 * 2 * 8 * 4  # 2 rows per device: inputs [2, 16], three [
 # bfloat16 caches of 2 decoder layers, K and V each: self [2, 2, 8, 16], cross [2, 2, 16, 16];
 # plus the int32 cache_index.
 CACHE = 2 * 2 * 2 * (2 * 2 * 8 * 16 + 2 * 2 * 16 * 16) + 4
-# What a decode step reads besides the cache: the embedding, the decoder without its
-# cross-attention key and value kernels (their output is in the cache), the logits kernel, the
-# last tokens [2] and the encoder tokens [2, 16] (the cross mask). XLA drops unused inputs.
-DECODE_PARAMS = 4 * (16 * 32 + 8 + 2 * (DECODER_LAYER - 2 * 1024) + 32 + 32 * 16)
+# What a decode step reads besides the cache: the embedding, the decoder (its cross-attention
+# key and value kernels fill the cross cache at the first step), the logits kernel, the encoder
+# output [2, 16, 32] bfloat16 (ditto), the last tokens [2] and the encoder tokens [2, 16] (the
+# cross mask). XLA drops unused inputs: the encoder's parameters.
+DECODE_PARAMS = 4 * (16 * 32 + 8 + 2 * DECODER_LAYER + 32 + 32 * 16)
+ENCODED = 2 * 16 * 32 * 2
 
 
 @pytest.mark.slow
@@ -51,8 +53,8 @@ def test_tiny_plan_on_eight_virtual_devices(tmp_path):
     # XLA's own count of the eval step's inputs: the parameters and the batch, nothing else.
     assert stages["eval"]["arguments"] == PARAMS + BATCH
     assert stages["decode"]["analytic"]["cache"] == CACHE
-    assert stages["decode"]["analytic"]["batch"] == 2 * 4 + 2 * 16 * 4
-    assert stages["decode"]["arguments"] == DECODE_PARAMS + CACHE + 2 * 4 + 2 * 16 * 4
+    assert stages["decode"]["analytic"]["batch"] == ENCODED + 2 * 4 + 2 * 16 * 4
+    assert stages["decode"]["arguments"] == DECODE_PARAMS + CACHE + ENCODED + 2 * 4 + 2 * 16 * 4
     train = stages["train"]
     assert train["analytic"]["optimizer_state"] > 0 and train["temporaries"] > 0
     # Params, optimizer state, step and batch; XLA drops the optimizer's unused placeholders.
