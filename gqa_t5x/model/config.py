@@ -21,6 +21,7 @@ ATTENTION_KINDS = ("encoder_self", "decoder_self", "cross")
 DEFAULT_GROUPED = ("decoder_self", "cross")
 # Which implementation runs the ops that have a compiled CPU kernel (see `kernel_choice.py`).
 KERNEL_CHOICES = ("auto", "xla", "cpu")
+REMAT_POLICIES = ("none", "full", "save_projections")  # see model/scan.py
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -35,6 +36,9 @@ class TransformerConfig:
     `attention_kernel` does: "xla" (XLA's ops, the path every accelerator runs), "cpu" (the
     compiled CPU decode kernels wherever they apply; an error where they cannot be had) or
     "auto" ("cpu" on a single-device float32 CPU run whose kernels build, else "xla").
+
+    `kernels`, `remat` and `scan_layers` change how the network runs, not what it computes (see
+    `model/scan.py`): runs and checkpoints that differ only in them hold the same model.
     """
 
     vocab_size: int = 32128
@@ -52,6 +56,8 @@ class TransformerConfig:
     grouped: tuple[str, ...] = DEFAULT_GROUPED
     layer_norm_epsilon: float = 1e-6
     kernels: str = "auto"
+    remat: str = "none"
+    scan_layers: bool = False
 
     def __post_init__(self):
         ints = (
@@ -90,6 +96,10 @@ class TransformerConfig:
         if self.kernels == "cpu" and self.dtype != "float32":
             raise ValueError(f"kernels='cpu' needs dtype='float32' (the CPU kernels take float32), "
                              f"got dtype={self.dtype!r}; use kernels='auto' or 'xla'")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
+        if not isinstance(self.scan_layers, bool):
+            raise ValueError(f"scan_layers={self.scan_layers!r} must be True or False")
         if isinstance(self.grouped, str):
             raise ValueError(f"grouped={self.grouped!r} must be a sequence of attention names, "
                              f"e.g. ({self.grouped!r},)")
@@ -117,6 +127,11 @@ class TransformerConfig:
 
     def replace(self, **changes: Any) -> TransformerConfig:
         return dataclasses.replace(self, **changes)
+
+    def architecture(self) -> TransformerConfig:
+        """This config without the settings that do not change the model's function: dropout,
+        kernels, remat and scan_layers at their defaults (to compare two runs' models)."""
+        return self.replace(dropout_rate=0.0, kernels="auto", remat="none", scan_layers=False)
 
     def decode_cache_bytes_per_token(self, input_length: int = 0,
                                      bytes_per_element: int = 0) -> int:

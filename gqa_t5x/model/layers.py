@@ -19,8 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.linen import partitioning as nn_partitioning
+from jax.ad_checkpoint import checkpoint_name
 
 from gqa_t5x.model import kernel_choice
+from gqa_t5x.model.scan import PROJECTION
 
 param_with_axes = nn_partitioning.param_with_axes
 with_sharding_constraint = nn_partitioning.with_sharding_constraint
@@ -127,7 +129,9 @@ class DenseJoined(nn.Module):
     def __call__(self, x):
         kernel = param_with_axes("kernel", self.kernel_init, (x.shape[-1], self.features),
                                  jnp.float32, axes=self.kernel_axes)
-        return dense(jnp.asarray(x, self.dtype), jnp.asarray(kernel, self.dtype), self.kernels)
+        y = dense(jnp.asarray(x, self.dtype), jnp.asarray(kernel, self.dtype), self.kernels)
+        # Named for the "save_projections" remat policy (model/scan.py).
+        return checkpoint_name(y, PROJECTION)
 
 
 class GatedGeluMlp(nn.Module):

@@ -18,16 +18,21 @@ Parameter tree (t5x names, joined 2-D kernels; K = config.kv_heads(kind)):
   decoder/decoder_norm/scale                                 [D]
   decoder/logits_dense/kernel                                [D, V]
 
+With `config.scan_layers` the layers are one `nn.scan` module, `{encoder,decoder}/layers/...`,
+each parameter with a leading [L] axis (model/scan.py converts to and from the layout above).
+
 Decode cache: `decoder/cache_index` (scalar, the position the next step writes) and, per layer,
 the attention caches documented in `attention.py`.
 """
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax.numpy as jnp
 
-from gqa_t5x.model import layers
+from gqa_t5x.model import layers, scan
 from gqa_t5x.model.attention import (
     GroupedQueryAttention,
     make_attention_mask,
@@ -81,36 +86,41 @@ def _mlp_block(config: TransformerConfig, x, enable_dropout: bool):
 
 class EncoderLayer(nn.Module):
     config: TransformerConfig
+    enable_dropout: bool = False
 
     @nn.compact
-    def __call__(self, x, bias, *, enable_dropout: bool = False):
-        cfg = self.config
+    def __call__(self, x, bias):
+        cfg, drop = self.config, self.enable_dropout
         h = _norm(cfg, "pre_attention_layer_norm")(x)
-        h = _attention(cfg, "encoder_self", "attention")(h, h, bias, enable_dropout=enable_dropout)
-        x = x + _dropout(cfg, h, enable_dropout)
-        return _mlp_block(cfg, x, enable_dropout)
+        h = _attention(cfg, "encoder_self", "attention")(h, h, bias, enable_dropout=drop)
+        x = x + _dropout(cfg, h, drop)
+        x = _mlp_block(cfg, x, drop)
+        return (x, None) if cfg.scan_layers else x  # nn.scan's (carry, output)
 
 
 class DecoderLayer(nn.Module):
     config: TransformerConfig
     recompute_cross_kv: bool = False
+    enable_dropout: bool = False
+    decode: bool = False
+    max_decode_length: int | None = None
 
     @nn.compact
-    def __call__(self, x, encoded, self_bias, cross_bias, *, enable_dropout: bool = False,
-                 decode: bool = False, cache_index=None, max_decode_length=None):
-        cfg = self.config
+    def __call__(self, x, encoded, self_bias, cross_bias, cache_index=None):
+        cfg, drop, decode = self.config, self.enable_dropout, self.decode
         h = _norm(cfg, "pre_self_attention_layer_norm")(x)
         h = _attention(cfg, "decoder_self", "self_attention")(
             h, h, self_bias, decode=decode, cache_index=cache_index,
-            max_decode_length=max_decode_length, enable_dropout=enable_dropout)
-        x = x + _dropout(cfg, h, enable_dropout)
+            max_decode_length=self.max_decode_length, enable_dropout=drop)
+        x = x + _dropout(cfg, h, drop)
         h = _norm(cfg, "pre_cross_attention_layer_norm")(x)
         h = _attention(cfg, "cross", "encoder_decoder_attention", cross=True,
                        recompute_cross_kv=self.recompute_cross_kv)(
             h, encoded, cross_bias, decode=decode, cache_index=cache_index,
-            enable_dropout=enable_dropout)
-        x = x + _dropout(cfg, h, enable_dropout)
-        return _mlp_block(cfg, x, enable_dropout)
+            enable_dropout=drop)
+        x = x + _dropout(cfg, h, drop)
+        x = _mlp_block(cfg, x, drop)
+        return (x, None) if cfg.scan_layers else x  # nn.scan's (carry, output)
 
 
 class Encoder(nn.Module):
@@ -125,8 +135,12 @@ class Encoder(nn.Module):
         positions = jnp.arange(s)
         bias = mask_bias + _relpos(cfg, bidirectional=True)(positions, positions)  # [B, N, S, S]
         x = _dropout(cfg, self.token_embedder(tokens), enable_dropout)  # [B, S, D]
-        for i in range(cfg.num_encoder_layers):
-            x = EncoderLayer(cfg, name=f"layers_{i}")(x, bias, enable_dropout=enable_dropout)
+        layer = scan.layer_stack(EncoderLayer, cfg, cfg.num_encoder_layers, num_broadcast=1)
+        if cfg.scan_layers and cfg.num_encoder_layers:
+            x, _ = layer(cfg, enable_dropout, name=scan.LAYERS)(x, bias)
+        else:
+            for i in range(cfg.num_encoder_layers):
+                x = layer(cfg, enable_dropout, name=f"layers_{i}")(x, bias)
         x = _norm(cfg, "encoder_norm")(x)
         return _dropout(cfg, x, enable_dropout)
 
@@ -143,6 +157,11 @@ class Decoder(nn.Module):
         cross_bias [B, 1, T, S] (in decode, [B', 1, 1, S] with B' the batch of `encoded`).
         Returns logits [B, T, V] in float32."""
         cfg = self.config
+        if decode and cfg.scan_layers:
+            raise ValueError(
+                "decode=True with scan_layers=True: decode with the unscanned model, "
+                "Transformer(config.replace(scan_layers=False)), and unscanned params "
+                "(gqa_t5x.model.scan.unstack_layers); EncoderDecoderModel.predict_batch does so")
         t = tokens.shape[-1]
         relpos = _relpos(cfg, bidirectional=False)
         cache_index = None
@@ -164,10 +183,19 @@ class Decoder(nn.Module):
             self_bias = mask_to_bias(self_mask) + relpos(positions, positions)  # [B, N, T, T]
 
         x = _dropout(cfg, self.token_embedder(tokens), enable_dropout)  # [B, T, D]
-        for i in range(cfg.num_decoder_layers):
-            x = DecoderLayer(cfg, self.recompute_cross_kv, name=f"layers_{i}")(
-                x, encoded, self_bias, cross_bias, enable_dropout=enable_dropout, decode=decode,
-                cache_index=cache_index, max_decode_length=max_decode_length)
+        if decode:  # no backward pass, so no remat; never scanned (refused above)
+            for i in range(cfg.num_decoder_layers):
+                x = DecoderLayer(cfg, self.recompute_cross_kv, enable_dropout, decode,
+                                 max_decode_length, name=f"layers_{i}")(
+                    x, encoded, self_bias, cross_bias, cache_index)
+        else:
+            layer = scan.layer_stack(DecoderLayer, cfg, cfg.num_decoder_layers, num_broadcast=3)
+            make = functools.partial(layer, cfg, self.recompute_cross_kv, enable_dropout)
+            if cfg.scan_layers and cfg.num_decoder_layers:
+                x, _ = make(name=scan.LAYERS)(x, encoded, self_bias, cross_bias)
+            else:
+                for i in range(cfg.num_decoder_layers):
+                    x = make(name=f"layers_{i}")(x, encoded, self_bias, cross_bias)
         x = _norm(cfg, "decoder_norm")(x)
         x = _dropout(cfg, x, enable_dropout)
         logits = layers.DenseJoined(cfg.vocab_size, (layers.EMBED, layers.VOCAB),

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gqa_t5x.model import config as config_lib
-from gqa_t5x.model import decoding
+from gqa_t5x.model import decoding, scan
 from gqa_t5x.model.network import Transformer
 
 LOSS_NORMALIZING_FACTORS = ("NUM_REAL_TARGET_TOKENS", "NUM_TOTAL_TARGET_TOKENS")
@@ -154,6 +154,11 @@ class EncoderDecoderModel:
         self.label_smoothing = label_smoothing
         self.loss_normalizing_factor = loss_normalizing_factor
         self.decoding = {"method": "greedy", **dict(decoding or {})}
+        # Params are always held in t5x's unscanned layout (model/scan.py). Initialization and
+        # decoding run the unscanned network: the same seed gives the same params scanned or
+        # not, and the decode cache keeps its per-layer layout.
+        self._unscanned = module.clone(config=module.config.replace(scan_layers=False,
+                                                                    remat="none"))
 
     @property
     def config(self) -> config_lib.TransformerConfig:
@@ -164,10 +169,12 @@ class EncoderDecoderModel:
         {"encoder_input_tokens": (B, S), "decoder_input_tokens": (B, T)}."""
         enc = jnp.ones(input_shapes["encoder_input_tokens"], jnp.int32)
         dec = jnp.ones(input_shapes["decoder_input_tokens"], jnp.int32)
-        return self.module.init(rng, enc, dec, dec, enable_dropout=False)
+        return self._unscanned.init(rng, enc, dec, dec, enable_dropout=False)
 
     def _logits(self, params, batch, dropout_rng):
         rngs = None if dropout_rng is None else {"dropout": dropout_rng}
+        if self.config.scan_layers:
+            params = scan.stack_layers(params)  # inside the step: the stacking is compiled in
         return self.module.apply(
             {"params": params},
             batch["encoder_input_tokens"],
@@ -224,7 +231,7 @@ class EncoderDecoderModel:
             kwargs["max_decode_length"] = batch[key].shape[1]
         if rng is not None:
             kwargs["rng"] = rng
-        tokens, scores = decoding.generate(self.module, params, batch["encoder_input_tokens"],
+        tokens, scores = decoding.generate(self._unscanned, params, batch["encoder_input_tokens"],
                                            **kwargs)
         return tokens, {"scores": scores}
 

@@ -50,6 +50,7 @@ LOGICAL_AXIS_RULES: Rules = (
     ("head_dim", None),
     ("relpos_buckets", None),
     ("length", None),
+    ("layers", None),  # the stacked-layer axis of a scanned model (model/scan.py)
 )
 
 def create_mesh(model_parallel: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:

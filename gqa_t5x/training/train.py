@@ -138,7 +138,7 @@ def _sum_metrics(records: list[dict[str, np.ndarray]]) -> dict[str, float]:
 
 
 def _check_same_model(saved: TransformerConfig, current: TransformerConfig, where: str) -> None:
-    a, b = saved.replace(dropout_rate=0.0).to_dict(), current.replace(dropout_rate=0.0).to_dict()
+    a, b = saved.architecture().to_dict(), current.architecture().to_dict()
     diff = [k for k in a if a[k] != b[k]]
     if diff:
         raise ValueError(f"{where} holds a model with " + ", ".join(

@@ -131,3 +131,19 @@ def test_adafactor_first_update_is_clipped_parameter_scaled_direction():
     upd, _ = tx.update(g, tx.init(p), p)
     np.testing.assert_allclose(np.asarray(upd["w"]), -2.0 * np.sign(np.asarray(g["w"])),
                                rtol=1e-4)
+
+
+def test_scanned_model_scores_and_predicts_from_unscanned_params():
+    """A scan_layers model takes the params in t5x's layout (as checkpoints and the train state
+    hold them) and scores and decodes as the plain model does."""
+    model, params = _model_and_params()
+    scanned = models.build_model(model.config.replace(scan_layers=True, remat="full"))
+    enc = jnp.array([[5, 6, 7, 8, 1, 0, 0], [9, 10, 11, 1, 0, 0, 0]])
+    tgt = jnp.array([[3, 4, 5, 1, 0], [6, 1, 0, 0, 0]])
+    dec_in = jnp.concatenate([jnp.zeros((2, 1), jnp.int32), tgt[:, :-1]], 1)
+    batch = {"encoder_input_tokens": enc, "decoder_input_tokens": dec_in,
+             "decoder_target_tokens": tgt}
+    np.testing.assert_allclose(scanned.score_batch(params, batch),
+                               model.score_batch(params, batch), rtol=1e-5)
+    np.testing.assert_array_equal(scanned.predict_batch(params, batch),
+                                  model.predict_batch(params, batch))

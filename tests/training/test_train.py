@@ -228,3 +228,19 @@ def test_progress_line_format():
     assert line == ("step 120/300  loss 4.1230  lr 1.00e-02  2.00 steps/s  1,203 tokens/s  "
                     "ETA 1m30s")
     assert run_log.format_duration(3725) == "1h02m05s"
+
+
+@pytest.mark.slow
+def test_scanned_remat_run_trains_like_the_plain_run_and_saves_t5x_layout(tmp_path):
+    """Same seed, same data: scan + remat change neither the updates (Adafactor stays per layer)
+    nor the checkpoint layout, which an unscanned model reads and resumes."""
+    two = _config(num_encoder_layers=2, num_decoder_layers=2)
+    plain = _train(tmp_path / "plain", steps=10, config=two)
+    scanned = _train(tmp_path / "scanned", steps=10,
+                     config=two.replace(scan_layers=True, remat="full"))
+    a, b = _params(plain.checkpoint), _params(scanned.checkpoint)
+    assert "layers_0" in b["encoder"] and "layers" not in b["encoder"]
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-6),
+                           b, a)
+    resumed = _train(tmp_path / "scanned", steps=20, config=two)  # resumed unscanned
+    assert resumed.step == 20
