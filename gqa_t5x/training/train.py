@@ -9,8 +9,8 @@ The run, top to bottom:
    state; the step continues from the checkpoint's, or restarts at 0 with
    `initial_step_mode="restart"`); else random initialization;
 3. data: the seqio task's train split, shuffled with `shuffle_seed`, repeated, packed, batched;
-   after a resume the stream skips the examples already seen, so the order is that of an
-   uninterrupted run;
+   a resume restores the stream's position saved with the checkpoint (`data_stream.py`), so the
+   order is that of an uninterrupted run, and refuses another task, batch size or shuffle seed;
 4. loop: jitted train step; every `log_every` steps a progress line, metrics.jsonl and
    TensorBoard; every `eval.every_steps` the validation evaluation; every `checkpoint_every`
    steps, after each evaluation and at the end, a checkpoint.
@@ -37,12 +37,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import seqio
 
 from gqa_t5x.data.registry import get_mixture_or_task
 from gqa_t5x.model import shapes
 from gqa_t5x.model.config import TransformerConfig
-from gqa_t5x.training import evaluate, models, optim, partitioning, run_log, train_state
+from gqa_t5x.training import (
+    data_stream,
+    evaluate,
+    models,
+    optim,
+    partitioning,
+    run_log,
+    train_state,
+)
 from gqa_t5x.training.train_state import TrainState
 
 STEP_MODES = ("continue", "restart")
@@ -76,23 +83,8 @@ def check_vocabulary(task, config: TransformerConfig) -> None:
                 f"gqa_t5x.models.model_config.vocab_size to at least {size}")
 
 
-def train_dataset(name: str, feature_lengths: Mapping[str, int], batch_size: int, *,
-                  shuffle_seed: int, pack: bool = True, skip_examples: int = 0,
-                  shard_info: seqio.ShardInfo | None = None, use_cached: bool = False):
-    """Batches of model features (numpy) of the train split, repeated forever.
-
-    The stream is a pure function of the arguments: shuffled with `shuffle_seed`, then
-    `skip_examples` (packed) examples dropped, then batched, so that a resumed run continues
-    where the interrupted one stopped.
-    """
-    get_mixture_or_task(name)
-    ds = seqio.get_dataset(
-        name, task_feature_lengths=dict(feature_lengths),
-        feature_converter=seqio.EncDecFeatureConverter(pack=pack), dataset_split="train",
-        use_cached=use_cached, shuffle=True, num_epochs=None, shard_info=shard_info,
-        seed=shuffle_seed, verbose=False)
-    ds = ds.skip(skip_examples).batch(batch_size, drop_remainder=True)
-    return ds.prefetch(2).as_numpy_iterator()
+# The stream and its checkpoints live in data_stream.py; the name is kept for callers.
+train_dataset = data_stream.train_batches
 
 
 # ---- the step -----------------------------------------------------------------------------------
@@ -415,15 +407,23 @@ def train(
     if dropped := log.drop_after(step):
         log.print(f"metrics.jsonl: removed {dropped} rows after step {step}, which this run "
                   "redoes")
-    run_info.update(train_steps=train_steps, batch_size=batch_size, task=mixture_or_task_name,
-                    shuffle_seed=shuffle_seed)
+    stream = dict(batch_size=batch_size, task=mixture_or_task_name, shuffle_seed=shuffle_seed)
+    data_stream.check_same_stream(run_info, stream, model_dir)
+    run_info.update(train_steps=train_steps, **stream)
     _write_run_files(model_dir, config, step, log)
 
     # -- data, step function, evaluator
-    batches = train_dataset(mixture_or_task_name, lengths, layout.per_host_batch_size,
-                            shuffle_seed=shuffle_seed, pack=pack,
-                            skip_examples=run_info["examples_seen"] // layout.num_shards,
-                            shard_info=layout.shard_info(), use_cached=use_cached)
+    def stream_from(skip_examples):
+        return train_dataset(mixture_or_task_name, lengths, layout.per_host_batch_size,
+                             shuffle_seed=shuffle_seed, pack=pack, skip_examples=skip_examples,
+                             shard_info=layout.shard_info(), use_cached=use_cached)
+
+    batches = stream_from(0)
+    if run_info["examples_seen"] and not batches.restore(model_dir, step):
+        log.print(f"{data_stream.step_dir(model_dir, step)} holds no data stream state for this "
+                  "process; regenerating the stream and skipping the "
+                  f"{run_info['examples_seen']} examples seen")
+        batches = stream_from(run_info["examples_seen"] // layout.num_shards)
     step_fn = jit_train_step(model, tx, schedule, jax.random.PRNGKey(seed + 1), shardings, mesh)
     evaluator = None
     if eval_settings is not None and eval_settings.every_steps:
@@ -458,8 +458,10 @@ def train(
                 clock.restart_clock()
             if do_save:
                 run_info["step"] = step
+                batches.save(model_dir, step)  # before the state: a complete state has its data
                 train_state.save(manager, state, run_info, config,
                                  _best_metrics(eval_settings, eval_metrics if do_eval else None))
+                data_stream.prune(model_dir, set(manager.all_steps()) | {step})
                 last_saved = step
     finally:
         manager.wait_until_finished()

@@ -3,7 +3,8 @@
 A run's `MODEL_DIR` holds orbax checkpoints `checkpoint_<step>/` with three items:
   state/   the TrainState (step, params, Adafactor state), written by every process, sharded
   run/     JSON: {"step", "examples_seen", "batch_size", "task", "shuffle_seed"}; the data
-           stream resumes after `examples_seen` examples
+           stream resumes from its iterator state saved beside (`data_stream.py`), or after
+           `examples_seen` examples without it
   config/  JSON: the TransformerConfig
 orbax writes each checkpoint under a temporary name and renames it when complete, so a process
 killed mid-save leaves no checkpoint that looks complete, and the next run resumes from the

@@ -59,8 +59,27 @@ def two_shards(name, feature_lengths, batch_size, *, skip_examples, shard_info, 
     streams = [original(name, feature_lengths, batch_size // 2, skip_examples=skip_examples // 2,
                         shard_info=seqio.ShardInfo(index=i, num_shards=2), **kw)
                for i in range(2)]
-    for parts in zip(*streams):
-        yield {{k: np.concatenate([p[k] for p in parts]) for k in parts[0]}}
+    return Joined(streams)
+
+
+class Joined:
+    # Saves no iterator state, so the resumed reference regenerates and skips its stream: the
+    # processes' restored iterators are checked against that.
+    def __init__(self, streams):
+        self.streams = streams
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        parts = [next(s) for s in self.streams]
+        return {{k: np.concatenate([p[k] for p in parts]) for k in parts[0]}}
+
+    def save(self, model_dir, step):
+        pass
+
+    def restore(self, model_dir, step):
+        return False
 
 
 for mp in {model_parallel}:

@@ -244,3 +244,12 @@ def test_scanned_remat_run_trains_like_the_plain_run_and_saves_t5x_layout(tmp_pa
                            b, a)
     resumed = _train(tmp_path / "scanned", steps=20, config=two)  # resumed unscanned
     assert resumed.step == 20
+
+
+def test_resume_with_another_batch_size_or_shuffle_seed_is_refused(tmp_path):
+    _train(tmp_path, steps=10)
+    with pytest.raises(ValueError, match=r"batch_size=8 \(BATCH_SIZE\) but this run has "
+                                         r"batch_size=16"):
+        _train(tmp_path, steps=20, batch_size=16)
+    with pytest.raises(ValueError, match=r"shuffle_seed=0 \(SHUFFLE_SEED\)"):
+        _train(tmp_path, steps=20, shuffle_seed=1)
