@@ -93,8 +93,9 @@ def dot_product_attention(query, key, value, bias=None, *, dropout_rng=None, dro
     Args:
       query: [B*W, T, N, H], W >= 1: rows b*W .. b*W+W-1 attend to key/value row b.
       key, value: [B, K, S, H] with N % K == 0.
-      bias: additive, 4-D, broadcastable to [B*W, N, T, S] or to [B, N, T, S] (masks and
-        relative position bias).
+      bias: additive, 4-D, broadcastable to [B*W, N, T, S] or to [B, N, T, S], or a tuple of such
+        terms (the mask [B, 1, T, S] and the relative position bias [1, N, T, S]), each added to
+        the logits here, so that their [B, N, T, S] sum is never built outside the attention.
       kernels: "xla", "cpu" or "auto" (see `kernel_choice`).
     Returns:
       [B*W, T, N, H].
@@ -109,8 +110,10 @@ def dot_product_attention(query, key, value, bias=None, *, dropout_rng=None, dro
         raise ValueError(f"key {key.shape} / value {value.shape} do not fit query {query.shape}")
     if n % k:
         raise ValueError(f"{n} query heads are not divisible by {k} kv heads")
-    if bias is not None and bias.ndim != 4:
-        raise ValueError(f"bias {bias.shape} is not 4-D [batch, heads, queries, keys]")
+    terms = () if bias is None else tuple(bias) if isinstance(bias, (tuple, list)) else (bias,)
+    for term in terms:
+        if term.ndim != 4:
+            raise ValueError(f"bias {term.shape} is not 4-D [batch, heads, queries, keys]")
     w = bw // b
     dropout = dropout_rng is not None and dropout_rate > 0.0
     step = (kernels != "xla" and t == 1 and not dropout and jnp.dtype(dtype) == jnp.float32
@@ -118,11 +121,11 @@ def dot_product_attention(query, key, value, bias=None, *, dropout_rng=None, dro
             and kernel_choice.cpu_kernels(kernels) is not None)
     if w > 1:  # the W rows of one key/value row as W*T queries of that row
         query = query.reshape(b, w * t, n, h)
-        bias = None if bias is None else _fold_rows(bias, b, w, t)
+        terms = tuple(_fold_rows(term, b, w, t) for term in terms)
     if step:
-        out = _kernel_queries(query, key, value, bias)
+        out = _kernel_queries(query, key, value, terms)
     else:
-        out = _attention(query, key, value, bias, dropout_rng if dropout else None,
+        out = _attention(query, key, value, terms, dropout_rng if dropout else None,
                          dropout_rate, dtype)
     return out.reshape(bw, t, n, h)
 
@@ -139,7 +142,7 @@ def _fold_rows(bias, b, w, t):
     return bias if tb == 1 else jnp.tile(bias, (1, 1, w, 1))
 
 
-def _kernel_queries(query, key, value, bias):
+def _kernel_queries(query, key, value, terms):
     """dot_product_attention by the compiled kernel: query [B, T, N, H] (a decode step, or the W
     beams of one step folded into T) -> [B, T, N, H]."""
     b, t, n, h = query.shape
@@ -147,14 +150,15 @@ def _kernel_queries(query, key, value, bias):
     g = n // k
     # A kv head's queries side by side, as `_attention` lays them out: [B, K, G*T, H].
     q = query.reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4).reshape(b, k, g * t, h)
-    bias = jnp.zeros((), jnp.float32) if bias is None else bias.astype(jnp.float32)
+    bias = sum((term.astype(jnp.float32) for term in terms), jnp.zeros((), jnp.float32))
     bias = jnp.broadcast_to(bias, (b, n, t, s)).reshape(b, k, g * t, s)  # [B, K, G*T, S]
     out = _kernel_step(q, key, value, bias)  # [B, K, G*T, H]
     return out.reshape(b, k, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
-def _attention(query, key, value, bias, dropout_rng, dropout_rate, dtype):
-    """dot_product_attention in XLA ops."""
+def _attention(query, key, value, terms, dropout_rng, dropout_rate, dtype):
+    """dot_product_attention in XLA ops; `terms` the additive biases, each [B or 1, N or 1,
+    T or 1, S]."""
     b, t, n, h = query.shape
     k = key.shape[1]
     g = n // k
@@ -165,9 +169,12 @@ def _attention(query, key, value, bias, dropout_rng, dropout_rate, dtype):
     logits = jnp.einsum("BKQH,BKSH->BKQS", q, key,
                         preferred_element_type=jnp.float32)  # [B, K, G*T, S]
     logits = logits.reshape(b, k, g, t, s)  # [B, K, G, T, S]
-    if bias is not None:
-        bias = jnp.broadcast_to(bias, (bias.shape[0], n) + bias.shape[2:])
-        logits = logits + bias.reshape(bias.shape[0], k, g, *bias.shape[2:]).astype(jnp.float32)
+    for term in terms:
+        if term.shape[1] == 1:  # the same for every head: [B or 1, 1, 1, T, S]
+            term = term[:, :, None]
+        else:  # [B or 1, K, G, T, S]
+            term = term.reshape(term.shape[0], k, g, *term.shape[2:])
+        logits = logits + term.astype(jnp.float32)
     # Softmax with the normalization applied after the value contraction: one pass fewer over
     # the [B, N, T, S] weights, dividing the [B, N, T, H] output instead.
     logits_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
@@ -197,7 +204,7 @@ def _kernel_step_bwd(residuals, g):
     def xla_step(q, key, value, bias):  # the same step in XLA ops: [B, K, G, H]
         b, k, gs, h = q.shape
         out = _attention(q.reshape(b, 1, k * gs, h), key, value,
-                         bias.reshape(b, k * gs, 1, -1), None, 0.0, jnp.float32)
+                         (bias.reshape(b, k * gs, 1, -1),), None, 0.0, jnp.float32)
         return out.reshape(b, k, gs, h)
 
     return jax.vjp(xla_step, *residuals)[1](g)
@@ -268,7 +275,8 @@ class GroupedQueryAttention(nn.Module):
     def __call__(self, inputs_q, inputs_kv, bias=None, *, decode: bool = False,
                  cache_index=None, max_decode_length: int | None = None,
                  enable_dropout: bool = False):
-        """inputs_q [B, T, D], inputs_kv [B, S, D], bias 4-D, broadcastable to [B, N, T, S].
+        """inputs_q [B, T, D], inputs_kv [B, S, D], bias 4-D, broadcastable to [B, N, T, S], or a
+        tuple of such terms (see `dot_product_attention`).
 
         With decode=True the first call creates the cache (zeros: for self-attention of length
         max_decode_length, or of the input's length T when it is None; for cross-attention

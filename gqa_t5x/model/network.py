@@ -133,7 +133,9 @@ class Encoder(nn.Module):
         cfg = self.config
         s = tokens.shape[-1]
         positions = jnp.arange(s)
-        bias = mask_bias + _relpos(cfg, bidirectional=True)(positions, positions)  # [B, N, S, S]
+        # The mask [B, 1, S, S] and the relative position bias [1, N, S, S] stay apart: each
+        # attention adds them to its logits, and no [B, N, S, S] array lives across the layers.
+        bias = (mask_bias, _relpos(cfg, bidirectional=True)(positions, positions))
         x = _dropout(cfg, self.token_embedder(tokens), enable_dropout)  # [B, S, D]
         layer = scan.layer_stack(EncoderLayer, cfg, cfg.num_encoder_layers, num_broadcast=1)
         if cfg.scan_layers and cfg.num_encoder_layers:
@@ -174,13 +176,14 @@ class Decoder(nn.Module):
             index_var.value = cache_index + 1
             key_positions = jnp.arange(max_decode_length)
             visible = (key_positions <= cache_index)[None, None, None, :]  # [1, 1, 1, L]
-            self_bias = mask_to_bias(visible) + relpos(cache_index[None], key_positions)
+            self_bias = (mask_to_bias(visible), relpos(cache_index[None], key_positions))
         else:
             if decode:  # creating the cache; this call's logits are not used
                 self.variable("cache", "cache_index", jnp.zeros, (), jnp.int32)
                 self_mask = make_causal_mask(t)
             positions = jnp.arange(t)
-            self_bias = mask_to_bias(self_mask) + relpos(positions, positions)  # [B, N, T, T]
+            # [B, 1, T, T] and [1, N, T, T], added inside each attention
+            self_bias = (mask_to_bias(self_mask), relpos(positions, positions))
 
         x = _dropout(cfg, self.token_embedder(tokens), enable_dropout)  # [B, T, D]
         if decode:  # no backward pass, so no remat; never scanned (refused above)
