@@ -96,7 +96,7 @@ def test_gqa_convert_says_why_it_skipped_a_checkpoint(tmp_path, finished_run, ca
     out = capsys.readouterr().out
     assert rc == 0
     assert f"skipped {model_dir / 'checkpoint_20'}: run/metadata is missing" in out
-    assert "step 10;" in out
+    assert "step 10 (source records 10)" in out
     assert load_checkpoint(str(tmp_path / "out"))[1] == with_kv_heads(CONFIG, 1)
 
 
