@@ -7,6 +7,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from gqa_t5x.cli import quiet
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(
@@ -27,7 +29,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan (paper: the commands, and check the gin files parse)")
     p.add_argument("--force", action="store_true", help="discard what --out holds and start over")
+    p.add_argument("--verbose", action="store_true",
+                   help="show TensorFlow's, absl's and orbax's own log output")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if not args.verbose and not args.dry_run:
+        quiet.silence_libraries()  # before TensorFlow and jax are first imported
     from gqa_t5x.experiments import reproduce  # noqa: PLC0415 - fast --help
 
     try:

@@ -352,6 +352,42 @@ def _quality_table(results):
     return lines
 
 
+# Before uptraining each conversion is one measurement on the same validation tokens (one pretrained
+# model, no seeds): a difference counts when it exceeds this share of the larger KL.
+CONVERSION_MARGIN = 0.05
+
+
+def conversion_verdicts(quality: Mapping[str, Mapping[str, Mapping[str, float]]]
+                        ) -> list[dict[str, str]]:
+    """Verdicts on the two conversion claims right after conversion (alpha 0), from each
+    target's KL divergence from the MHA model (lower keeps more): [{"claim", "verdict",
+    "evidence"}]. `quality` is {target: {variant: {"kl_from_source": ...}}}."""
+
+    def order(kl: Sequence[float]) -> int:  # 1: strictly increasing by the margin, -1: reversed
+        steps = [(b - a) / max(a, b) for a, b in zip(kl, kl[1:])]
+        return (1 if all(x > CONVERSION_MARGIN for x in steps) else
+                -1 if all(x < -CONVERSION_MARGIN for x in steps) else 0)
+
+    out = []
+    for claim, variants in ((CLAIMS[0], ("mean", "first", "random")),
+                            (CLAIMS[4], ("aligned", "mean")),
+                            (CLAIMS[4] + ", similarity groups", ("aligned/similarity", "mean"))):
+        signs, parts = [], []
+        for target, q in quality.items():
+            if all(v in q for v in variants):
+                kl = [q[v]["kl_from_source"] for v in variants]
+                signs.append(order(kl))
+                parts.append(f"{target}: " + ", ".join(
+                    f"{v} {k:.3f}" for v, k in zip(variants, kl)))
+        if not signs:
+            continue
+        verdict = ("supported" if all(x == 1 for x in signs) else
+                   "contradicted" if all(x == -1 for x in signs) else "undecided")
+        out.append({"claim": claim, "verdict": verdict,
+                    "evidence": "KL from MHA, " + "; ".join(parts)})
+    return out
+
+
 def _paper_table1():
     cols = PAPER_TABLE1["columns"]
     lines = ["| model | " + " | ".join(cols) + " |", "| --- |" + " ---: |" * len(cols)]
@@ -399,6 +435,9 @@ def write_report(out: str, grid: Mapping, cells: Sequence[Mapping], results: Map
                                if n.startswith("quality/")},
         "stages": {n: {"key": r["key"], "seconds": r["seconds"]} for n, r in results.items()},
         "verdicts": verdict_list, "figures": figures,
+        "conversion_verdicts": conversion_verdicts(
+            {n.split("/", 1)[1]: r["metrics"] for n, r in results.items()
+             if n.startswith("quality/")}),
     }
     _write_atomic(os.path.join(out, "results.json"), json.dumps(data, indent=1, sort_keys=True))
     ft, gk = grid["finetune"], grid["grid"]["gqa_kv_heads"]
@@ -434,7 +473,16 @@ def write_report(out: str, grid: Mapping, cells: Sequence[Mapping], results: Map
         f" on the average, {v['loss_verdict']} on the held-out loss") + f". {v['evidence']}."
         for v in verdict_list]
     md += ["", "A difference counts when it exceeds twice its standard error over seeds; "
-           "otherwise the claim is undecided at this scale.", "", "## Figures", ""]
+           "otherwise the claim is undecided at this scale."]
+    before = conversion_verdicts(data["conversion_quality"])
+    if before:
+        md += ["", "Right after conversion (alpha 0, before any uptraining or fine-tuning), from "
+               "the table above: one pretrained model and one measurement per conversion on the "
+               "same validation tokens, so a difference counts when it exceeds "
+               f"{CONVERSION_MARGIN:.0%} of the larger KL:", ""]
+        md += [f"- **{v['claim']}**, right after conversion: {v['verdict']}. {v['evidence']}."
+               for v in before]
+    md += ["", "## Figures", ""]
     md += [f"![{f}]({f})" for f in figures]
     md += ["", "## Every cell", ""] + _cells_table(summary)
     if notes:

@@ -57,6 +57,7 @@ class TrainBatches:
     def __init__(self, ds: tf.data.Dataset):
         self._iterator = iter(ds)
         self._checkpoint = tf.train.Checkpoint(iterator=self._iterator)
+        self.saveable = True  # False once tf.data has refused to serialize the pipeline
 
     def __iter__(self):
         return self
@@ -64,15 +65,25 @@ class TrainBatches:
     def __next__(self):
         return jax.tree_util.tree_map(lambda t: t.numpy(), next(self._iterator))
 
-    def save(self, model_dir: str, step: int) -> None:
+    def save(self, model_dir: str, step: int) -> bool:
         """Writes this process's iterator state for train-state checkpoint `step` (complete or
-        absent: written under a temporary name, then renamed)."""
+        absent: written under a temporary name, then renamed). False when the pipeline cannot
+        be saved: tf.data refuses to serialize stateful ops such as `tf.py_function` (the
+        synthetic suite's generators), and a resume then regenerates the stream and skips."""
+        if not self.saveable:
+            return False
         final = os.path.join(step_dir(model_dir, step), _process_name())
         tmp = final + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        self._checkpoint.write(os.path.join(tmp, "iterator"))
+        try:
+            self._checkpoint.write(os.path.join(tmp, "iterator"))
+        except (tf.errors.FailedPreconditionError, tf.errors.UnimplementedError):
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.saveable = False
+            return False
         shutil.rmtree(final, ignore_errors=True)  # a step saved again after a failed run
         os.rename(tmp, final)
+        return True
 
     def restore(self, model_dir: str, step: int) -> bool:
         """Moves the iterator to where checkpoint `step` left it; False if it holds no state for

@@ -419,6 +419,7 @@ def train(
                              shard_info=layout.shard_info(), use_cached=use_cached)
 
     batches = stream_from(0)
+    warned_unsaveable = False
     if run_info["examples_seen"] and not batches.restore(model_dir, step):
         log.print(f"{data_stream.step_dir(model_dir, step)} holds no data stream state for this "
                   "process; regenerating the stream and skipping the "
@@ -458,7 +459,12 @@ def train(
                 clock.restart_clock()
             if do_save:
                 run_info["step"] = step
-                batches.save(model_dir, step)  # before the state: a complete state has its data
+                # Before the state: a complete state has its data stream saved too.
+                if not batches.save(model_dir, step) and not warned_unsaveable:
+                    warned_unsaveable = True
+                    log.print(f"the data stream of {mixture_or_task_name} cannot be saved "
+                              "(tf.data refuses its stateful ops); a resume will regenerate it "
+                              "and skip the examples seen")
                 train_state.save(manager, state, run_info, config,
                                  _best_metrics(eval_settings, eval_metrics if do_eval else None))
                 data_stream.prune(model_dir, set(manager.all_steps()) | {step})

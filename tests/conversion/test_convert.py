@@ -153,7 +153,8 @@ def test_equal_heads_convert_without_changing_logits(k, method):
     converted = convert.convert_params(params, CONFIG, target, method)
     kv = converted["decoder"]["layers_0"]["self_attention"]["key"]["kernel"]
     assert kv.shape == (32, k * 8)
-    np.testing.assert_allclose(logits(converted, target), logits(params, CONFIG), atol=1e-6)
+    np.testing.assert_allclose(logits(converted, target), logits(params, CONFIG),
+                               rtol=1e-5, atol=1e-5)  # float32 rounding over two layers
 
 
 def test_unequal_heads_do_change_logits():

@@ -293,3 +293,23 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "not a gqa-reproduce run" in err and "--force" in err
     assert (other / "notes.txt").read_text() == "keep me"
+
+
+def test_conversion_verdicts_from_hand_made_kl():
+    from gqa_t5x.experiments import repro_report
+
+    def q(**kl):
+        return {v.replace("_sim", "/similarity"): {"kl_from_source": x} for v, x in kl.items()}
+
+    held = repro_report.conversion_verdicts({
+        "mqa": q(mean=2.0, first=3.0, random=3.5, aligned=1.5, aligned_sim=1.96),
+        "gqa2": q(mean=1.8, first=2.5, random=2.9, aligned=1.2, aligned_sim=1.0)})
+    by_claim = {v["claim"]: v["verdict"] for v in held}
+    assert by_claim[repro_report.CLAIMS[0]] == "supported"
+    assert by_claim[repro_report.CLAIMS[4]] == "supported"  # aligned keeps a lower KL in both
+    # aligned/similarity: 1.96 vs 2.0 is within 5% for MQA, so undecided
+    assert by_claim[repro_report.CLAIMS[4] + ", similarity groups"] == "undecided"
+    # first within 5% of random in one target: undecided
+    flat = repro_report.conversion_verdicts({"mqa": q(mean=2.0, first=3.0, random=3.1)})
+    assert flat[0]["verdict"] == "undecided"
+    assert "mqa: mean 2.000, first 3.000, random 3.100" in flat[0]["evidence"]
