@@ -445,7 +445,10 @@ def write_report(out: str, grid: Mapping, cells: Sequence[Mapping], results: Map
     md = [f"# GQA reproduction at {grid['scale']} scale ({grid['variant']} grid)", ""]
     if quick:
         md += ["**`--quick`: this run checks the machinery only; its numbers mean nothing.**", ""]
-    md += [f"Fine-tuned on `{ft['mixture']}` ({ft['steps']} steps, batch {ft['batch_size']}, "
+    pre = grid["pretrain"]
+    md += [f"Pretrained on `{pre['task']}` ({pre['steps']} steps, batch {pre['batch_size']}), "
+           "and uptrained on it after conversion for alpha x those steps. "
+           f"Fine-tuned on `{ft['mixture']}` ({ft['steps']} steps, batch {ft['batch_size']}, "
            f"constant rate {ft['learning_rate']}, dropout {ft['dropout_rate']}), "
            f"{ft['seeds']} seed(s) per cell, the final checkpoint evaluated on "
            f"{grid['evaluate']['num_examples']} validation examples per task (greedy). One "

@@ -169,6 +169,13 @@ def cells(grid: Mapping, available_methods: tuple[str, ...]) -> tuple[list[dict]
             continue
         if kv == n_big:
             continue
+        if kv == 1 and METHOD_ARGS.get(method, {}).get("grouping") == "similarity":
+            note = (f"{method} at 1 kv head: one group holds every head, so similarity grouping "
+                    f"is the contiguous grouping and mqa_{method} would repeat mqa_"
+                    f"{METHOD_ARGS[method]['method']}: not run")
+            if note not in notes:
+                notes.append(note)
+            continue
         label = "mqa" if kv == 1 else f"gqa{kv}"
         out.append({"name": f"{label}_{method}_a{alpha:g}", "size": "big", "kv": kv,
                     "method": method, "alpha": float(alpha)})

@@ -114,6 +114,15 @@ def test_grid_variants_and_bad_flags():
     assert any("'aligned'" in n for n in notes)  # a missing method is said, not silently lost
 
 
+def test_similarity_grouping_runs_only_where_it_differs_from_contiguous():
+    grid = reproduce.load_grid("cpu")
+    names = {c["name"] for c in reproduce.cells(grid, ("mean", "first", "random", "aligned"))[0]}
+    assert {"gqa2_aligned_similarity_a0", "mqa_aligned_a0", "mqa_aligned_a0.1"} <= names
+    assert not any(n.startswith("mqa_aligned_similarity") for n in names)  # one group of 16
+    notes = reproduce.cells(grid, ("mean", "first", "random", "aligned"))[1]
+    assert any("mqa_aligned_similarity would repeat mqa_aligned" in n for n in notes)
+
+
 def test_compare_uses_twice_the_standard_error():
     # se = sqrt(1/4 + 1/4) = 0.707: a difference of 1.5 counts, 1.3 does not
     assert repro_report.compare(Stat(11.5, 1.0, 4), Stat(10.0, 1.0, 4)) == 1
@@ -251,10 +260,10 @@ def test_paper_dry_run_parses_every_gin_file(tmp_path, capsys):
     assert not (tmp_path / "p").exists()  # a dry run writes nothing
     files, commands = repro_paper.plan_files(reproduce.load_grid("paper"), "/runs")
     assert f"{len(files)} gin files parse" in out
-    # 2 MHA + MQA/GQA-8 mean at alphas 0, .05, .1 + MQA first and random + MQA/GQA-8 aligned
-    # (contiguous and similarity groups) at alphas 0, .05
-    n_cells = 2 + 2 * 3 + 2 + 2 * 2 * 2
-    assert sum(c.startswith("# convert ") for c in commands) == 2 + 2 + 2 * 2
+    # 2 MHA + MQA/GQA-8 mean at alphas 0, .05, .1 + MQA first and random + aligned at alphas 0,
+    # .05: MQA contiguous, GQA-8 contiguous and similarity (one group: similarity is contiguous)
+    n_cells = 2 + 2 * 3 + 2 + 3 * 2
+    assert sum(c.startswith("# convert ") for c in commands) == 2 + 2 + 3
     # every uptraining and fine-tuning stage has a gin file for each runner
     for stage in ("uptrain/", "finetune/"):
         ours = {n for n in files if n.startswith(stage) and not n.endswith(".t5x.gin")}
