@@ -36,11 +36,13 @@ reproduce: install
 demo: install
 	$(VENV)/bin/gqa-demo
 
+# Tests run in TEST_WORKERS processes (pytest-xdist; 0 runs them in this one).
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow"
 
 lint: install
 	$(VENV)/bin/ruff check gqa_t5x tests scripts

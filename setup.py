@@ -52,7 +52,7 @@ setuptools.setup(
     ],
     extras_require={
         # torch must be installed first (pinned, CPU build): see the Makefile.
-        "test": ["pytest>=7.4", "ruff>=0.4", "transformers>=4.40"],
+        "test": ["pytest>=7.4", "pytest-xdist>=3.5", "ruff>=0.4", "transformers>=4.40"],
     },
     entry_points={
         "console_scripts": [

@@ -9,42 +9,23 @@ imported and TensorFlow probes its devices; if that fails, what they wrote is sh
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import sys
-import tempfile
 import warnings
 
-
-@contextlib.contextmanager
-def held_back_native_stderr():
-    """Send what native code writes to stderr to a temporary file; replay it on an error."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as held:
-        os.dup2(held.fileno(), 2)
-        try:
-            yield
-        except BaseException:
-            os.dup2(saved, 2)
-            held.seek(0)
-            sys.stderr.write(held.read().decode(errors="replace"))
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+from gqa_t5x import native_stderr
 
 
 def silence_libraries() -> None:
     """Import TensorFlow and jax with their start-up output held back, and quiet absl logging
     and library warnings for the rest of the process."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    with held_back_native_stderr():
+    with native_stderr.held() as output:
         import jax  # noqa: F401, PLC0415
         import tensorflow  # noqa: PLC0415
 
         tensorflow.config.list_physical_devices()  # TensorFlow's device probe logs (cuInit)
+        output.drop()
     from absl import logging as absl_logging  # noqa: PLC0415
 
     absl_logging.set_verbosity(absl_logging.ERROR)

@@ -176,10 +176,18 @@ def _evidence(summary: Mapping, times: Mapping, grid: Mapping) -> dict[str, str]
         parts.append(f"{shape}: MQA {t1:.2f} ms, GQA-{kv} {tg:.2f} ms, MHA {tn:.2f} ms per "
                      f"sample{share}")
     out[CLAIMS[3]] = "; ".join(parts) + " (one timing per shape on a shared machine: noisy)"
-    parts = [f"{name} {_both(summary, name)} vs mean "
-             f"{_both(summary, name.replace(c['cell']['method'], 'mean', 1))}"
-             for name, c in summary.items() if (c["cell"]["method"] or "").startswith("aligned")
+    pairs = [(name, name.replace(c["cell"]["method"], "mean", 1)) for name, c in summary.items()
+             if (c["cell"]["method"] or "").startswith("aligned")
              and name.replace(c["cell"]["method"], "mean", 1) in summary]
+    parts = [f"{a} {_both(summary, a)} vs mean {_both(summary, m)}" for a, m in pairs]
+    if pairs:
+        d_avg = [_get(summary, a).mean - _get(summary, m).mean for a, m in pairs]
+        d_loss = [_get(summary, a, "loss").mean - _get(summary, m, "loss").mean
+                  for a, m in pairs]
+        parts.insert(0, f"by how much: aligned minus mean over the {len(pairs)} matched cells, "
+                        f"average {np.mean(d_avg):+.2f} points (from {min(d_avg):+.2f} to "
+                        f"{max(d_avg):+.2f}), held-out loss {np.mean(d_loss):+.3f} (from "
+                        f"{min(d_loss):+.3f} to {max(d_loss):+.3f})")
     out[CLAIMS[4]] = "; ".join(parts) or "no aligned cells ran (method unavailable)"
     return out
 

@@ -2,10 +2,12 @@
 
 A grid (`configs/reproduce_<scale>.toml`) becomes a plan: a list of stages in dependency order,
 
-    pretrain  small and big MHA models on span corruption (the paper's public checkpoints)
+    pretrain  small and big MHA models on the grid's pretraining task (the paper's public
+              checkpoints; at CPU scale span corruption mixed with the three tasks)
     convert   big -> MQA / GQA-G by each method (conversion.convert_params)
     quality   what each conversion keeps before uptraining: cross-entropy and KL from the big
-              model on span corruption (experiments.conversion_quality; the alpha = 0 column)
+              model on the pretraining task (experiments.conversion_quality; the alpha = 0
+              column)
     uptrain   each conversion for alpha x the pretraining steps (none at alpha = 0)
     finetune  every model on the fine-tuning mixture, once per seed
     evaluate  every fine-tuned model on each task of the mixture (metric, held-out loss)

@@ -24,6 +24,7 @@ import jax
 import seqio
 import tensorflow as tf
 
+from gqa_t5x import native_stderr
 from gqa_t5x.data.registry import get_mixture_or_task
 
 ITERATOR_DIR = "train_ds"
@@ -75,12 +76,14 @@ class TrainBatches:
         final = os.path.join(step_dir(model_dir, step), _process_name())
         tmp = final + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            self._checkpoint.write(os.path.join(tmp, "iterator"))
-        except (tf.errors.FailedPreconditionError, tf.errors.UnimplementedError):
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.saveable = False
-            return False
+        with native_stderr.held() as output:  # tf.data's C++ log of the refusal
+            try:
+                self._checkpoint.write(os.path.join(tmp, "iterator"))
+            except (tf.errors.FailedPreconditionError, tf.errors.UnimplementedError):
+                output.drop()  # the refusal, said once by the caller
+                shutil.rmtree(tmp, ignore_errors=True)
+                self.saveable = False
+                return False
         shutil.rmtree(final, ignore_errors=True)  # a step saved again after a failed run
         os.rename(tmp, final)
         return True

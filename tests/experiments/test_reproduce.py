@@ -162,6 +162,11 @@ def test_verdicts_from_hand_made_numbers():
     # first above mean; GQA below MQA; GQA at alpha 0.05 below its alpha 0 (47 -> 44); GQA-2
     # 80% of the way from MQA to MHA in time; aligned below mean
     assert got == {c: "contradicted" for c in repro_report.CLAIMS}
+    evidence = {v["claim"]: v["evidence"] for v in repro_report.verdicts(
+        _summary(values, {"mqa_aligned_a0.05": 0.75}), times, grid)}
+    assert evidence["aligned beats mean (beyond the paper)"].startswith(  # 43 - 45, 0.75 - 1.0
+        "by how much: aligned minus mean over the 1 matched cells, average -2.00 points (from "
+        "-2.00 to -2.00), held-out loss -0.250")
     values.update({"gqa2_mean_a0.05": 49.5, "mqa_first_a0.05": 45.05, "mqa_aligned_a0.05": 45})
     got = {v["claim"]: v["verdict"] for v in repro_report.verdicts(_summary(values), {}, grid)}
     assert got["mean > first > random"] == "undecided"  # 45 vs 45.05: within the spread
@@ -193,13 +198,10 @@ def _numbers(tree):
         yield tree
 
 
-@pytest.mark.slow
-def test_tiny_grid_end_to_end_then_resume_after_an_interruption(tmp_path, monkeypatch):
-    report = _run(tmp_path, tmp_path / "a")
-    out = tmp_path / "a"
+def _check_report(out, report) -> tuple[dict, str]:
+    """results.json's numbers finite, each figure a PNG, every claim in the verdicts."""
     data = json.loads((out / "results.json").read_text())
     assert all(math.isfinite(x) for x in _numbers(data))
-    assert len(data["cells"]) == 5  # 2 MHA, MQA and GQA by mean, MQA by first
     for name in repro_report.FIGURES.values():
         blob = (out / name).read_bytes()
         assert blob[:8] == b"\x89PNG\r\n\x1a\n" and len(blob) > 1000
@@ -210,6 +212,26 @@ def test_tiny_grid_end_to_end_then_resume_after_an_interruption(tmp_path, monkey
     for claim in repro_report.CLAIMS:
         assert f"**{claim}**" in verdicts
     assert "## Table 1 analog" in text and "MHA-XXL" in text
+    return data, text
+
+
+@pytest.mark.slow
+def test_quick_grid_end_to_end(tmp_path):
+    out = tmp_path / "quick"
+    data, text = _check_report(out, reproduce.reproduce("cpu", str(out), quick=True))
+    assert "its numbers mean nothing" in text
+    # 2 MHA, MQA and GQA-2 by mean at alpha 0 and 0.1, MQA by first and random, aligned MQA
+    # and GQA-2, similarity-grouped GQA-2
+    assert len(data["cells"]) == 11
+    assert all(len(c["seeds"]) == 1 for c in data["cells"].values())
+
+
+@pytest.mark.slow
+def test_tiny_grid_end_to_end_then_resume_after_an_interruption(tmp_path, monkeypatch):
+    report = _run(tmp_path, tmp_path / "a")
+    out = tmp_path / "a"
+    data, _ = _check_report(out, report)
+    assert len(data["cells"]) == 5  # 2 MHA, MQA and GQA by mean, MQA by first
 
     # Interrupted inside a fine-tune, after its first checkpoint (steps 4, checkpoints at 2, 4):
     # the rerun redoes only the stages not complete and resumes that one from its checkpoint.

@@ -97,14 +97,17 @@ def test_a_changed_stream_setting_is_refused_with_its_macro():
         data_stream.check_same_stream(saved, {**saved, "task": "b"}, "/m")
 
 
-def test_a_stream_tf_data_cannot_serialize_is_not_saved_and_resume_skips(tmp_path):
+def test_a_stream_tf_data_cannot_serialize_is_not_saved_and_resume_skips(tmp_path, capfd):
     """A pipeline with a stateful op (the synthetic suite's tf.py_function generators) cannot be
-    serialized: save says so, writes nothing, and restore then finds no state."""
+    serialized: save says so (tf.data's own C++ log of the refusal is held back), writes nothing,
+    and restore then finds no state."""
     ds = tf.data.Dataset.range(100).map(
         lambda x: tf.py_function(lambda v: v * 2, [x], tf.int64)).batch(4)
     batches = data_stream.TrainBatches(ds)
     next(batches)
+    capfd.readouterr()
     assert batches.save(str(tmp_path), 1) is False
+    assert "stateful" not in capfd.readouterr().err
     assert not os.path.exists(data_stream.step_dir(str(tmp_path), 1)) or not os.listdir(
         data_stream.step_dir(str(tmp_path), 1))
     assert not batches.restore(str(tmp_path), 1)
