@@ -417,9 +417,10 @@ def _cells_table(summary):
 
 
 def write_report(out: str, grid: Mapping, cells: Sequence[Mapping], results: Mapping[str, dict],
-                 notes: Sequence[str], wall_seconds: float) -> dict[str, Any]:
+                 notes: Sequence[str], wall_seconds: float, stages_run: int | None = None
+                 ) -> dict[str, Any]:
     """Writes results.json, REPORT.md and the PNG figures into `out`; returns results.json's
-    content."""
+    content. `stages_run`: how many of the stages this invocation ran (the rest were cached)."""
     import jax  # noqa: PLC0415
 
     import gqa_t5x  # noqa: PLC0415
@@ -434,6 +435,7 @@ def write_report(out: str, grid: Mapping, cells: Sequence[Mapping], results: Map
         "versions": {"gqa_t5x": gqa_t5x.__version__, "jax": jax.__version__,
                      "numpy": np.__version__, "python": platform.python_version()},
         "wall_seconds": wall_seconds,
+        "stages_run": len(results) if stages_run is None else stages_run,
         "cells": {n: {"cell": c["cell"], "seeds": c["seeds"],
                       "stats": {k: dataclasses.asdict(v) for k, v in c["stats"].items()}}
                   for n, c in summary.items()},
@@ -466,9 +468,11 @@ def write_report(out: str, grid: Mapping, cells: Sequence[Mapping], results: Map
            "held-out (teacher-forced) loss beside its metric. Each model is pretrained once and "
            "converted and uptrained once; the spread is the fine-tuning seeds'. "
            f"GQA-{gk} of the big model's {n_big} heads keeps {n_big // gk} query heads per kv "
-           "head (the paper's GQA-8 of XXL's 64 heads: 8). Wall time of this invocation "
-           f"{wall_seconds / 60:.1f} min; the stages' own times add up to "
-           f"{sum(r['seconds'] for r in results.values()) / 60:.1f} min.", ""]
+           "head (the paper's GQA-8 of XXL's 64 heads: 8). This invocation ran "
+           f"{len(results) if stages_run is None else stages_run} of the {len(results)} stages "
+           f"(the others were cached) in {wall_seconds / 60:.1f} min of wall time; the stages' "
+           f"own times add up to {sum(r['seconds'] for r in results.values()) / 60:.1f} min.",
+           ""]
     md += ["## Table 1 analog", ""] + _table1_rows(summary, times, grid)
     md += ["", "The paper's Table 1 (T5.1.1 on the real datasets; T_infer in s on TPUv4):", ""]
     md += _paper_table1()

@@ -397,8 +397,10 @@ def reproduce(scale: str = "cpu", out: str = "reproduce_out", *, quick: bool = F
     start = time.time()
     for n in notes:
         print(f"note: {n}", file=stream, flush=True)
+    cached = sum(s.kind not in redo and read_result(out, s) is not None for s in stages)
     results = run_plan(stages, out, repro_stages.RUNNERS, stream=stream, redo_kinds=redo)
-    repro_report.write_report(out, grid, the_cells, results, notes, time.time() - start)
+    repro_report.write_report(out, grid, the_cells, results, notes, time.time() - start,
+                              stages_run=len(stages) - cached)
     path = os.path.join(out, "REPORT.md")
     print(f"\nreport: {path}", file=stream, flush=True)
     return path
