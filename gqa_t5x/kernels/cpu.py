@@ -53,9 +53,11 @@ SOURCES = tuple(sorted((Path(__file__).parent / "csrc").glob("*.cc")))
 HEADERS = tuple(sorted((Path(__file__).parent / "csrc").glob("*.h")))
 MATMUL_TARGET = "gqa_small_matmul"
 ATTENTION_TARGET = "gqa_decode_attention"
-# Rows (tokens) up to which a product goes to the kernel: a decode step of batch x beams. It
-# re-reads a weight tile per 8 rows, so its lead shrinks with rows: over a decode step's weights
-# at config B's widths on 2 cores, 1.9x XLA's dot at 8 rows, 1.2x at 32, even at 64.
+# Rows (tokens) up to which a product goes to the kernel: a decode step of batch x beams. Its
+# register tile holds 8 rows; over 8 rows it takes each weight tile through every block of 8 rows
+# before the next tile, so the weights are read from memory once. Config B's logits projection
+# ([M, 512] @ [512, 32128], 2 cores): 2.9 ms at 8 rows against XLA's 4.1; at 32 rows 6.9 against
+# 7.6 (9.8 when every block of 8 rows read all the weights).
 MAX_ROWS = 32
 CXX_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")
 NATIVE_FLAG = "-march=native"  # only where the CPU's feature flags are known (see cpu_features)

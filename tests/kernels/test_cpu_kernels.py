@@ -24,7 +24,7 @@ def _reference(x, w):
 
 @pytest.mark.parametrize("m,d,f", [
     (1, 1, 1), (3, 5, 7), (8, 64, 64), (8, 512, 1000), (9, 64, 65), (13, 100, 130),
-    (32, 17, 129), (5, 1024, 512), (2, 3, 64 * 9 + 1)])
+    (32, 17, 129), (32, 512, 1000), (20, 1024, 512), (5, 1024, 512), (2, 3, 64 * 9 + 1)])
 def test_small_matmul_matches_numpy(m, d, f):
     rng = np.random.default_rng(m * 1000 + f)
     x = rng.standard_normal((m, d), dtype=np.float32)
