@@ -69,8 +69,9 @@ def _merge(base: dict, override: Mapping) -> dict:
 
 def load_grid(scale: str = "cpu", *, quick: bool = False, full: bool = False,
               seeds: int | None = None, path: str | None = None) -> dict[str, Any]:
-    """The grid of `configs/reproduce_<scale>.toml` (or the TOML file `path`), with its
-    `[quick]` or `[full]` table merged in and `seeds` replacing `finetune.seeds`."""
+    """The grid of `configs/reproduce_<scale>.toml` (or the TOML file `path`; one with a `base`
+    key, such as "reproduce_cpu", is merged over that grid of configs/), with its `[quick]` or
+    `[full]` table merged in and `seeds` replacing `finetune.seeds`."""
     if quick and full:
         raise ValueError("--quick and --full exclude each other")
     if path is not None:
@@ -78,6 +79,8 @@ def load_grid(scale: str = "cpu", *, quick: bool = False, full: bool = False,
 
         with open(path, "rb") as f:
             grid = tomllib.load(f)
+        if "base" in grid:  # a grid written as changes to one of configs/
+            grid = _merge(configs.load(grid.pop("base")), grid)
     else:
         grid = configs.load(f"reproduce_{scale}")
     variants = {k: grid.pop(k, {}) for k in ("quick", "full")}
@@ -87,7 +90,7 @@ def load_grid(scale: str = "cpu", *, quick: bool = False, full: bool = False,
         if seeds < 1:
             raise ValueError(f"--seeds {seeds}: need at least 1")
         grid["finetune"]["seeds"] = int(seeds)
-    grid["variant"] = "quick" if quick else "full" if full else "default"
+    grid["variant"] = "quick" if quick else "full" if full else grid.pop("name", "default")
     return grid
 
 
@@ -157,7 +160,8 @@ def cells(grid: Mapping, available_methods: tuple[str, ...]) -> tuple[list[dict]
         wanted += [(kv, "mean", a) for a in g["alphas"]]
         wanted += [(kv, "mean", g["table1_alpha"])]
         wanted += [(kv, m, a) for m in g.get("aligned_methods", []) for a in g["aligned_alphas"]]
-    wanted += [(1, m, g["table1_alpha"]) for m in g["ablation_methods"]]
+    wanted += [(kv, m, a) for kv in g.get("ablation_kv_heads", [1]) for m in g["ablation_methods"]
+               for a in g.get("ablation_alphas", [g["table1_alpha"]])]
     notes, seen = [], set()
     for kv, method, alpha in wanted:
         if (kv, method, alpha) in seen:

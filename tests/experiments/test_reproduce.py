@@ -3,6 +3,7 @@ finite numbers, valid PNGs, every claim named), resume after an interruption ins
 the paper-scale plan's gin files."""
 
 import copy
+import importlib.resources
 import json
 import math
 import os
@@ -121,6 +122,28 @@ def test_similarity_grouping_runs_only_where_it_differs_from_contiguous():
     assert not any(n.startswith("mqa_aligned_similarity") for n in names)  # one group of 16
     notes = reproduce.cells(grid, ("mean", "first", "random", "aligned"))[1]
     assert any("mqa_aligned_similarity would repeat mqa_aligned" in n for n in notes)
+
+
+def test_a_grid_written_as_changes_to_the_default_reuses_its_stages(tmp_path):
+    path = tmp_path / "more.toml"
+    path.write_text('base = "reproduce_cpu"\nname = "more"\n[grid]\nablation_kv_heads = [1, 2]\n'
+                    'ablation_alphas = [0.0, 0.1]\n[finetune]\nseeds = 3\n')
+    grid = reproduce.load_grid(path=str(path))
+    assert grid["variant"] == "more" and grid["pretrain"]["steps"] == 1600  # from the base
+    stages, cells, _ = reproduce.make_plan(grid, METHODS)
+    names = {c["name"] for c in cells}
+    assert {"gqa2_first_a0", "gqa2_random_a0.1", "mqa_first_a0.1"} <= names
+    assert "mqa_first_a0.05" not in names  # the ablation's alphas replace table1_alpha
+    default = {s.name: s.key for s in reproduce.make_plan(reproduce.load_grid(), METHODS)[0]}
+    keys = {s.name: s.key for s in stages}
+    shared = {n for n in default if n in keys and keys[n] == default[n]}
+    assert shared == set(default) - {n for n in default if "first_a0.05" in n
+                                     or "random_a0.05" in n}
+    shipped = importlib.resources.files("gqa_t5x") / "configs" / "reproduce_cpu_methods.toml"
+    methods = reproduce.load_grid(path=str(shipped))
+    plan = {s.name: s.key for s in reproduce.make_plan(methods, METHODS)[0]}
+    assert all(plan.get(n) == k for n, k in default.items())  # every default stage reused
+    assert len(plan) - len(default) == 10 * 3 * 2 + 2 + 6  # 10 cells; GQA first, random; uptrain
 
 
 def test_compare_uses_twice_the_standard_error():
