@@ -73,7 +73,7 @@ constexpr TileFn kTileFns[kRows] = {tiles<1>, tiles<2>, tiles<3>, tiles<4>,
 void tile_range(const float* x, const float* w, float* y, int64_t M, int64_t D, int64_t F,
                 int64_t t0, int64_t t1) {
   if (M <= kRows) {
-    kTileFns[M - 1](x, w, y, D, F, 0, t0, t1);
+    if (M > 0) kTileFns[M - 1](x, w, y, D, F, 0, t0, t1);
     return;
   }
   for (int64_t t = t0; t < t1; ++t) {
