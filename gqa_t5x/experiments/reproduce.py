@@ -282,6 +282,11 @@ def read_result(out: str, stage: Stage) -> dict | None:
         return json.load(f)
 
 
+def pending(stages: list[Stage], out: str, redo_kinds: tuple[str, ...] = ()) -> list[Stage]:
+    """The stages `run_plan` runs: those without a complete output, and those of `redo_kinds`."""
+    return [s for s in stages if s.kind in redo_kinds or read_result(out, s) is None]
+
+
 def run_plan(stages: list[Stage], out: str, runners: Mapping[str, Callable[[Stage, Context],
                                                                                dict]],
              *, stream=None, redo_kinds: tuple[str, ...] = ()) -> dict[str, dict]:
@@ -290,7 +295,7 @@ def run_plan(stages: list[Stage], out: str, runners: Mapping[str, Callable[[Stag
     stream = stream or sys.stdout
     results: dict[str, dict] = {}
     by_name = {s.name: s for s in stages}
-    todo = [s for s in stages if s.kind in redo_kinds or read_result(out, s) is None]
+    todo = pending(stages, out, redo_kinds)
     total_cost = sum(s.cost for s in todo)
     done_cost, spent = 0.0, 0.0
     print(f"{len(stages)} stages, {len(stages) - len(todo)} already complete in {out}",
@@ -401,10 +406,10 @@ def reproduce(scale: str = "cpu", out: str = "reproduce_out", *, quick: bool = F
     start = time.time()
     for n in notes:
         print(f"note: {n}", file=stream, flush=True)
-    cached = sum(s.kind not in redo and read_result(out, s) is not None for s in stages)
+    stages_run = len(pending(stages, out, redo))
     results = run_plan(stages, out, repro_stages.RUNNERS, stream=stream, redo_kinds=redo)
     repro_report.write_report(out, grid, the_cells, results, notes, time.time() - start,
-                              stages_run=len(stages) - cached)
+                              stages_run=stages_run)
     path = os.path.join(out, "REPORT.md")
     print(f"\nreport: {path}", file=stream, flush=True)
     return path

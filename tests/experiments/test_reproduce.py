@@ -292,6 +292,8 @@ def test_tiny_grid_end_to_end_then_resume_after_an_interruption(tmp_path, monkey
             assert os.path.getmtime(os.path.join(reproduce.stage_dir(str(b), s),
                                                  "stage.json")) == done[s.name]
     resumed = json.loads((b / "results.json").read_text())
+    assert data["stages_run"] == len(stages)
+    assert resumed["stages_run"] == len(stages) - len(done)  # the report says what this run did
     for name, cell in data["cells"].items():
         for seed_a, seed_b in zip(cell["seeds"], resumed["cells"][name]["seeds"]):
             assert seed_a.keys() == seed_b.keys()
