@@ -118,7 +118,7 @@ def test_grid_variants_and_bad_flags():
 def test_similarity_grouping_runs_only_where_it_differs_from_contiguous():
     grid = reproduce.load_grid("cpu")
     names = {c["name"] for c in reproduce.cells(grid, ("mean", "first", "random", "aligned"))[0]}
-    assert {"gqa2_aligned_similarity_a0", "mqa_aligned_a0", "mqa_aligned_a0.1"} <= names
+    assert {"gqa2_aligned_similarity_a0", "mqa_aligned_a0", "mqa_aligned_a0.05"} <= names
     assert not any(n.startswith("mqa_aligned_similarity") for n in names)  # one group of 16
     notes = reproduce.cells(grid, ("mean", "first", "random", "aligned"))[1]
     assert any("mqa_aligned_similarity would repeat mqa_aligned" in n for n in notes)
