@@ -349,10 +349,14 @@ def _quality_table(results):
     if not quality:
         return []
     labels = list(quality)
+    # The source, then the grid's order (a cached stage's metrics come back with sorted keys).
+    listed = ["source", *results[f"quality/{labels[0]}"].get("inputs", {}).get("variants", [])]
+    got = quality[labels[0]]
+    variants = [v for v in listed if v in got] + sorted(set(got) - set(listed))
     lines = ["| conversion | " + " | ".join(f"{k} cross-entropy | {k} KL from MHA | "
                                            f"{k} token accuracy" for k in labels) + " |",
              "| --- |" + " ---: | ---: | ---: |" * len(labels)]
-    for variant in quality[labels[0]]:
+    for variant in variants:
         lines.append(f"| {variant} | " + " | ".join(
             f"{quality[k][variant]['cross_entropy']:.3f} | "
             f"{quality[k][variant]['kl_from_source']:.4f} | "
@@ -456,6 +460,8 @@ def write_report(out: str, grid: Mapping, cells: Sequence[Mapping], results: Map
     if quick:
         md += ["**`--quick`: this run checks the machinery only; its numbers mean nothing.**", ""]
     pre = grid["pretrain"]
+    ran = len(results) if stages_run is None else stages_run
+    cached = f" ({len(results) - ran} were cached)" if ran < len(results) else ""
     md += [f"Pretrained on `{pre['task']}` ({pre['steps']} steps, batch {pre['batch_size']}), "
            "and uptrained on it after conversion for alpha x those steps. "
            f"Fine-tuned on `{ft['mixture']}` ({ft['steps']} steps, batch {ft['batch_size']}, "
@@ -468,10 +474,10 @@ def write_report(out: str, grid: Mapping, cells: Sequence[Mapping], results: Map
            "held-out (teacher-forced) loss beside its metric. Each model is pretrained once and "
            "converted and uptrained once; the spread is the fine-tuning seeds'. "
            f"GQA-{gk} of the big model's {n_big} heads keeps {n_big // gk} query heads per kv "
-           "head (the paper's GQA-8 of XXL's 64 heads: 8). This invocation ran "
-           f"{len(results) if stages_run is None else stages_run} of the {len(results)} stages "
-           f"(the others were cached) in {wall_seconds / 60:.1f} min of wall time; the stages' "
-           f"own times add up to {sum(r['seconds'] for r in results.values()) / 60:.1f} min.",
+           f"head (the paper's GQA-8 of XXL's 64 heads: 8). This invocation ran {ran} of the "
+           f"{len(results)} stages{cached} in {wall_seconds / 60:.1f} min of wall time; the "
+           f"stages' own times add up to {sum(r['seconds'] for r in results.values()) / 60:.1f} "
+           "min.",
            ""]
     md += ["## Table 1 analog", ""] + _table1_rows(summary, times, grid)
     md += ["", "The paper's Table 1 (T5.1.1 on the real datasets; T_infer in s on TPUv4):", ""]

@@ -294,6 +294,10 @@ def test_tiny_grid_end_to_end_then_resume_after_an_interruption(tmp_path, monkey
     resumed = json.loads((b / "results.json").read_text())
     assert data["stages_run"] == len(stages)
     assert resumed["stages_run"] == len(stages) - len(done)  # the report says what this run did
+    n = len(stages)
+    assert f"This invocation ran {n} of the {n} stages in " in (out / "REPORT.md").read_text()
+    assert (f"This invocation ran {n - len(done)} of the {n} stages ({len(done)} were cached) "
+            "in ") in (b / "REPORT.md").read_text()
     for name, cell in data["cells"].items():
         for seed_a, seed_b in zip(cell["seeds"], resumed["cells"][name]["seeds"]):
             assert seed_a.keys() == seed_b.keys()
@@ -369,3 +373,14 @@ def test_conversion_verdicts_from_hand_made_kl():
     flat = repro_report.conversion_verdicts({"mqa": q(mean=2.0, first=3.0, random=3.1)})
     assert flat[0]["verdict"] == "undecided"
     assert "mqa: mean 2.000, first 3.000, random 3.100" in flat[0]["evidence"]
+
+
+def test_conversion_table_rows_keep_the_grids_order_however_the_stage_was_read():
+    m = {"cross_entropy": 1.0, "kl_from_source": 0.5, "token_accuracy": 0.25}
+    # as a cached stage.json comes back: metrics with sorted keys
+    result = {"inputs": {"variants": ["mean", "first", "random"]},
+              "metrics": {k: m for k in ("first", "mean", "random", "source")}}
+    lines = repro_report._quality_table({"quality/mqa": result, "quality/gqa2": result})
+    assert [row.split(" | ")[0] for row in lines[2:]] == ["| source", "| mean", "| first",
+                                                         "| random"]
+    assert lines[2] == "| source | 1.000 | 0.5000 | 0.250 | 1.000 | 0.5000 | 0.250 |"
