@@ -350,9 +350,7 @@ def _quality_table(results):
         return []
     labels = list(quality)
     # The source, then the grid's order (a cached stage's metrics come back with sorted keys).
-    listed = ["source", *results[f"quality/{labels[0]}"].get("inputs", {}).get("variants", [])]
-    got = quality[labels[0]]
-    variants = [v for v in listed if v in got] + sorted(set(got) - set(listed))
+    variants = ["source", *results[f"quality/{labels[0]}"]["inputs"]["variants"]]
     lines = ["| conversion | " + " | ".join(f"{k} cross-entropy | {k} KL from MHA | "
                                            f"{k} token accuracy" for k in labels) + " |",
              "| --- |" + " ---: | ---: | ---: |" * len(labels)]
